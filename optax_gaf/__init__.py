@@ -1,0 +1,25 @@
+"""optax_gaf: Gradient Agreement Filtering for Optax.
+
+GAF (Chaubard, Eddy and Kochenderfer, 2024) compares microbatch gradients by
+cosine distance and averages only those that agree. Each aggregator here is
+built from three stages: the Gram matrix of microgradient inner products, a
+rule that turns it into weights, and the weighted sum.
+"""
+
+from optax_gaf._aggregator import GAFState
+from optax_gaf._aggregator import gaf
+from optax_gaf._aggregator import stats
+from optax_gaf._microbatching import microbatch_grads
+from optax_gaf._microbatching import split_microbatches
+from optax_gaf._rules import RuleOutput
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "GAFState",
+    "RuleOutput",
+    "gaf",
+    "microbatch_grads",
+    "split_microbatches",
+    "stats",
+)

@@ -1,0 +1,284 @@
+"""``gaf()``: the three stages wired into an Optax aggregator."""
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import tree
+from optax.experimental import aggregating
+
+from optax_gaf import _rules
+from optax_gaf import _statistics
+
+
+class GAFState(NamedTuple):
+  """State of :func:`gaf`. Shapes and dtypes never change after ``init``.
+
+  Attributes:
+    count: int32, the number of ``update`` calls so far; a ``tau`` schedule is
+      evaluated at it.
+    ready: bool, False on a no-agreement step. ``aggregating.process`` reads it
+      to skip the inner optimizer on that step.
+    tau: float32, the threshold used at the last step.
+    num_accepted: int32, the number of marks in ``accepted``.
+    acceptance_rate: float32, ``num_accepted / N`` at the last step.
+    accepted: bool ``[N]``, the anchor and every microgradient taken into the
+      result (on a no-agreement step, the anchor only). Shape ``[0]`` when
+      ``num_microbatches`` was not given to :func:`gaf`.
+    cosine_distance: float32 ``[N]``, each microgradient's cosine distance when
+      it was compared: 0 for the anchor, NaN for a non-finite or zero one.
+      Shape ``[0]`` when ``num_microbatches`` was not given.
+    skipped_steps: int32, the number of no-agreement steps so far.
+    gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over the
+      usable microgradients (Yin et al. 2018), free from the Gram matrix.
+  """
+
+  count: jax.Array
+  ready: jax.Array
+  tau: jax.Array
+  num_accepted: jax.Array
+  acceptance_rate: jax.Array
+  accepted: jax.Array
+  cosine_distance: jax.Array
+  skipped_steps: jax.Array
+  gradient_diversity: jax.Array
+
+
+def _check_tau(tau: Any) -> None:
+  """Raises on a concrete tau outside [0, 2]; traced values pass through."""
+  try:
+    value = np.asarray(tau, dtype=np.float64)
+  except (TypeError, jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return  # a tracer (e.g. inside inject_hyperparams under jit)
+  if value.shape != ():
+    raise ValueError(f"tau must be a scalar, got shape {value.shape}.")
+  if not 0.0 <= float(value) <= 2.0:
+    raise ValueError(
+        f"tau is a cosine distance threshold and must lie in [0, 2]; got {tau}."
+    )
+
+
+def _static_int(value: Any, name: str) -> int:
+  try:
+    return int(jax.core.concrete_or_error(None, value))
+  except jax.errors.ConcretizationTypeError as e:
+    raise TypeError(
+        f"{name} sets the state's shapes and must be a static Python int. With"
+        f" optax.inject_hyperparams, pass static_args=('{name}',)."
+    ) from e
+
+
+def check_microgradients(grads, params=None) -> int:
+  """Validates the microgradient pytree and returns its leading size.
+
+  Raises:
+    ValueError: with a message that names the problem.
+  """
+  path_leaves = jax.tree_util.tree_leaves_with_path(grads)
+  if not path_leaves:
+    raise ValueError("The microgradients pytree has no leaves.")
+  sizes = {}
+  for path, x in path_leaves:
+    name = jax.tree_util.keystr(path) or "<root>"
+    if jnp.ndim(x) < 1:
+      raise ValueError(
+          f"Microgradient leaf {name} is a scalar; every leaf needs a leading"
+          " microbatch axis [N, ...]. Did you pass an averaged gradient?"
+      )
+    sizes[name] = jnp.shape(x)[0]
+  if len(set(sizes.values())) > 1:
+    raise ValueError(
+        f"Microgradient leaves disagree on the leading microbatch axis: {sizes}."
+    )
+  if params is not None:
+    if jax.tree.structure(params) != jax.tree.structure(grads):
+      raise ValueError(
+          "The microgradients and params have different tree structures:"
+          f" {jax.tree.structure(grads)} vs {jax.tree.structure(params)}."
+      )
+    for (path, g), p in zip(path_leaves, jax.tree.leaves(params)):
+      if jnp.shape(g)[1:] != jnp.shape(p):
+        raise ValueError(
+            f"Microgradient leaf {jax.tree_util.keystr(path)} has shape"
+            f" {jnp.shape(g)}, so its trailing shape {jnp.shape(g)[1:]} does"
+            f" not match the parameter's shape {jnp.shape(p)}. Leaves must be"
+            " [N, *param.shape]."
+        )
+  return next(iter(sizes.values()))
+
+
+def gaf(
+    tau: float | optax.ScalarOrSchedule = 0.97,
+    *,
+    rule: str = "sequential",
+    num_microbatches: int | None = None,
+) -> aggregating.Aggregator:
+  r"""Gradient Agreement Filtering: average only the microgradients that agree.
+
+  Given microgradients ``g_1 .. g_N`` (every leaf ``[N, *param_shape]``), GAF
+  computes their Gram matrix ``G[i, j] = <g_i, g_j>`` in float32, lets ``rule``
+  decide from it which ones agree, and returns their weighted sum in the
+  gradients' dtype. Cosine distances are taken over the whole pytree.
+
+  Rules:
+
+  * ``"sequential"`` (the paper's Algorithm 1): the first usable
+    microgradient is the anchor; each later ``g_i`` is accepted iff
+    ``1 - cos(g_i, mean of accepted so far) <= tau``. Output: the mean of the
+    accepted microgradients.
+  * ``"pairwise"`` (the authors' package, ``step_GAF``): as above, but on
+    agreement the aggregate becomes ``(G + g_i) / 2``.
+
+  Microgradients that are non-finite or zero are excluded, as if absent. When
+  no microgradient agrees with the anchor (or fewer than two are usable), the
+  step is a *no-agreement step*: the updates are zeros and ``state.ready`` is
+  False, so :func:`optax.experimental.aggregating.process` skips its
+  postprocessor. In ``optax.chain(gaf(...), opt)`` the zeros still reach
+  ``opt``, whose momentum and weight decay move the parameters.
+
+  Args:
+    tau: cosine distance threshold in ``[0, 2]``, or a schedule of the step
+      count. ``tau=2`` accepts everything (the plain mean); ``tau=0`` accepts
+      only exact alignment.
+    rule: ``"sequential"`` or ``"pairwise"``.
+    num_microbatches: N. When given, the state records per-microgradient
+      ``accepted`` and ``cosine_distance`` of shape ``[N]`` and ``update``
+      checks N. When None, those fields have shape ``[0]`` and the same
+      optimizer state works for any N.
+
+  Returns:
+    An :class:`optax.experimental.aggregating.Aggregator` with
+    :class:`GAFState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_gaf
+    >>> params = jnp.zeros(3)
+    >>> tx = optax.chain(optax_gaf.gaf(tau=0.5, num_microbatches=3),
+    ...                  optax.sgd(1.0))
+    >>> state = tx.init(params)
+    >>> grads = jnp.array([[1.0, 0.0, 0.0], [1.0, 0.2, 0.0], [-1.0, 0.0, 0.0]])
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates
+    Array([-1. , -0.1, -0. ], dtype=float32)
+    >>> optax_gaf.stats(state)["accepted"]
+    Array([ True,  True, False], dtype=bool)
+
+  References:
+    Chaubard, Eddy and Kochenderfer, `Beyond Gradient Averaging in Parallel
+    Optimization: Improved Robustness through Gradient Agreement Filtering
+    <https://arxiv.org/abs/2412.18052>`_, 2024.
+  """
+  if rule not in _rules.RULES:
+    raise ValueError(
+        f"Unknown GAF rule {rule!r}; choose one of {sorted(_rules.RULES)}."
+    )
+  rule_fn = _rules.RULES[rule]
+  if callable(tau):
+    _check_tau(tau(0))
+  else:
+    _check_tau(tau)
+  if num_microbatches is not None:
+    num_microbatches = _static_int(num_microbatches, "num_microbatches")
+    if num_microbatches < 2:
+      raise ValueError(
+          f"GAF compares microgradients and needs num_microbatches >= 2; got"
+          f" {num_microbatches}."
+      )
+  n_state = 0 if num_microbatches is None else num_microbatches
+  placement = _statistics.LocalPlacement()
+
+  def init_fn(params):
+    del params
+    return GAFState(
+        count=jnp.zeros([], jnp.int32),
+        ready=jnp.ones([], bool),
+        tau=jnp.asarray(tau(0) if callable(tau) else tau, jnp.float32),
+        num_accepted=jnp.zeros([], jnp.int32),
+        acceptance_rate=jnp.zeros([], jnp.float32),
+        accepted=jnp.zeros([n_state], bool),
+        cosine_distance=jnp.zeros([n_state], jnp.float32),
+        skipped_steps=jnp.zeros([], jnp.int32),
+        gradient_diversity=jnp.zeros([], jnp.float32),
+    )
+
+  def update_fn(grads, state, params=None):
+    n_local = check_microgradients(grads, params)
+    n = placement.num_microgradients(n_local)
+    if n < 2:
+      raise ValueError(
+          f"GAF needs at least 2 microgradients to compare; got N={n}."
+      )
+    if num_microbatches is not None and n != num_microbatches:
+      raise ValueError(
+          f"gaf(num_microbatches={num_microbatches}) got {n} microgradients."
+      )
+    tau_t = jnp.asarray(
+        tau(state.count) if callable(tau) else tau, jnp.float32)
+    leaves, treedef = jax.tree.flatten(grads)
+
+    gram = placement.gram(leaves)
+    usable = _statistics.usable_from_gram(gram)
+    gram = _statistics.sanitize_gram(gram, usable)
+    out = rule_fn(gram, usable, tau_t)
+    updates = treedef.unflatten(placement.combine(leaves, out.weights, usable))
+
+    num_accepted = jnp.sum(out.accepted, dtype=jnp.int32)
+    total = jnp.sum(gram)
+    new_state = GAFState(
+        count=optax.safe_increment(state.count),
+        ready=out.ready,
+        tau=tau_t,
+        num_accepted=num_accepted,
+        acceptance_rate=num_accepted.astype(jnp.float32) / n,
+        accepted=out.accepted if n_state else state.accepted,
+        cosine_distance=out.cosine_distance if n_state
+        else state.cosine_distance,
+        skipped_steps=state.skipped_steps + (~out.ready).astype(jnp.int32),
+        gradient_diversity=jnp.where(
+            total > 0, jnp.trace(gram) / jnp.where(total > 0, total, 1.0),
+            jnp.inf),
+    )
+    return updates, new_state
+
+  return aggregating.Aggregator(init_fn, update_fn)
+
+
+_STAT_FIELDS = (
+    "count", "ready", "tau", "num_accepted", "acceptance_rate", "accepted",
+    "cosine_distance", "skipped_steps", "gradient_diversity",
+)
+
+
+def stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """Collects the :class:`GAFState` diagnostics for logging.
+
+  Args:
+    opt_state: an optimizer state that holds exactly one :class:`GAFState`,
+      anywhere (``optax.chain``, ``aggregating.process``,
+      ``inject_hyperparams``).
+
+  Returns:
+    A dict with the state's fields (``count``, ``ready``, ``tau``,
+    ``num_accepted``, ``acceptance_rate``, ``accepted``, ``cosine_distance``,
+    ``skipped_steps``, ``gradient_diversity``) and ``skip_rate``, the fraction
+    of steps so far that were no-agreement steps.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_gaf
+    >>> tx = optax.chain(optax_gaf.gaf(0.9), optax.sgd(0.1))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> _, state = tx.update(jnp.eye(2), state)  # orthogonal: distance 1
+    >>> s = optax_gaf.stats(state)
+    >>> bool(s["ready"]), int(s["skipped_steps"]), float(s["skip_rate"])
+    (False, 1, 1.0)
+  """
+  gaf_state = tree.get(opt_state, "GAFState", None)
+  if gaf_state is None:
+    raise ValueError("opt_state holds no GAFState; is gaf() in the optimizer?")
+  out = {name: getattr(gaf_state, name) for name in _STAT_FIELDS}
+  out["skip_rate"] = gaf_state.skipped_steps / jnp.maximum(gaf_state.count, 1)
+  return out
