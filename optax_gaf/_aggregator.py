@@ -64,7 +64,7 @@ def _check_tau(tau: Any) -> None:
 
 def _static_int(value: Any, name: str) -> int:
   try:
-    return int(jax.core.concrete_or_error(None, value))
+    return int(value)
   except jax.errors.ConcretizationTypeError as e:
     raise TypeError(
         f"{name} sets the state's shapes and must be a static Python int. With"
