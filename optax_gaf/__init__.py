@@ -9,6 +9,7 @@ rule that turns it into weights, and the weighted sum.
 from optax_gaf._aggregator import GAFState
 from optax_gaf._aggregator import gaf
 from optax_gaf._aggregator import stats
+from optax_gaf._collectives import make_placement
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
 from optax_gaf._rules import RuleOutput
@@ -19,6 +20,7 @@ __all__ = (
     "GAFState",
     "RuleOutput",
     "gaf",
+    "make_placement",
     "microbatch_grads",
     "split_microbatches",
     "stats",

@@ -10,6 +10,7 @@ import optax
 from optax import tree
 from optax.experimental import aggregating
 
+from optax_gaf import _collectives
 from optax_gaf import _rules
 from optax_gaf import _statistics
 
@@ -116,6 +117,8 @@ def gaf(
     *,
     rule: str = "sequential",
     num_microbatches: int | None = None,
+    axis_name: _collectives.AxisName | None = None,
+    collective: str = "all_to_all",
 ) -> aggregating.Aggregator:
   r"""Gradient Agreement Filtering: average only the microgradients that agree.
 
@@ -148,7 +151,18 @@ def gaf(
     num_microbatches: N. When given, the state records per-microgradient
       ``accepted`` and ``cosine_distance`` of shape ``[N]`` and ``update``
       checks N. When None, those fields have shape ``[0]`` and the same
-      optimizer state works for any N.
+      optimizer state works for any N. With ``axis_name``, N is the global
+      count over all devices.
+    axis_name: None on one device. Inside ``jax.shard_map`` or ``jax.pmap``,
+      the mesh axis name (or tuple of names, as in ``jax.lax.psum``) that the
+      microgradients are spread over: each device passes its own
+      ``[n_local, ...]`` leaves, and GAF decides over all
+      ``N = D * n_local`` in device-major order, exactly as one device would.
+      The updates and state are bitwise identical on every device (declarable
+      with ``out_specs=P()``).
+    collective: with ``axis_name``, ``"all_to_all"`` (default; about the
+      traffic of one all-reduce, like ``pmean``) or ``"all_gather"`` (gathers
+      every microgradient onto every device).
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` with
@@ -189,7 +203,7 @@ def gaf(
           f" {num_microbatches}."
       )
   n_state = 0 if num_microbatches is None else num_microbatches
-  placement = _statistics.LocalPlacement()
+  placement = _collectives.make_placement(axis_name, collective)
 
   def init_fn(params):
     del params
