@@ -159,7 +159,10 @@ def gaf(
       ``[n_local, ...]`` leaves, and GAF decides over all
       ``N = D * n_local`` in device-major order, exactly as one device would.
       The updates and state are bitwise identical on every device (declarable
-      with ``out_specs=P()``).
+      with ``out_specs=P()``). Under plain ``jax.jit`` with global ``[N, ...]``
+      microgradients sharded over a mesh axis, name that axis (and enter
+      ``jax.set_mesh``) or shard over Explicit axes: sharding constraints then
+      make XLA take the all-to-all plan instead of gathering all N.
     collective: with ``axis_name``, ``"all_to_all"`` (default; about the
       traffic of one all-reduce, like ``pmean``) or ``"all_gather"`` (gathers
       every microgradient onto every device).

@@ -1,5 +1,6 @@
 """gaf(axis_name=...) across 8 simulated CPU devices: shard_map and pmap."""
 
+import contextlib
 import functools
 
 import hypothesis
@@ -252,10 +253,7 @@ def test_all_to_all_plan_moves_each_leaf_once():
   hlo = _compiled_hlo("all_to_all")
   ops = [line for line in hlo.splitlines() if " all-to-all(" in line]
   assert 1 <= len(ops) <= len(SHAPES), ops
-  for line in hlo.splitlines():
-    if " all-gather(" in line:
-      # Gathers only the combined [D * C] chunks, never [N, ...].
-      assert f"[{2 * D}," not in line.split("all-gather(")[0], line
+  assert not _gathers_of_all_microgradients(hlo, 2 * D)
 
 
 def test_unbound_axis_name_says_what_to_do():
@@ -291,3 +289,31 @@ def test_lax_all_to_all_layout_is_device_major():
   out = np.asarray(out)
   for c in range(D):
     np.testing.assert_array_equal(out[c], x[:, 3 * c:3 * c + 3])
+
+
+def _gathers_of_all_microgradients(hlo, n):
+  return [line for line in hlo.splitlines()
+          if " all-gather(" in line
+          and f"[{n}," in line.split("all-gather(")[0]]
+
+
+@pytest.mark.parametrize("axis_type, axis_name, set_mesh", [
+    ("Auto", "data", True),       # plain jit, axis named, jax.set_mesh
+    ("Explicit", None, False),    # sharding read from the leaves' types
+    ("Explicit", "data", True),
+])
+def test_plain_jit_takes_the_all_to_all_plan(axis_type, axis_name, set_mesh):
+  n = 2 * D
+  mesh = jax.make_mesh((D,), ("data",),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  leaves = _fixed_microgradients(n, seed=6)
+  agg = optax_gaf.gaf(0.5, num_microbatches=n, axis_name=axis_name)
+  ctx = jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()
+  with ctx:
+    grads = jax.device_put(_tree(leaves), NamedSharding(mesh, P("data")))
+    fn = jax.jit(agg.update)
+    hlo = fn.lower(grads, agg.init(None)).compile().as_text()
+    updates, state = fn(grads, agg.init(None))
+  _assert_matches_oracle(updates, state, leaves, "sequential")
+  assert " all-to-all(" in hlo
+  assert not _gathers_of_all_microgradients(hlo, n)
