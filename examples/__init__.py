@@ -1,0 +1,1 @@
+"""Examples for optax_gaf: noisy-label training with Flax NNX and TFDS."""
