@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -102,5 +104,5 @@ def make_model(name: str, in_shape: tuple[int, ...], num_classes: int,
     raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
   rngs = nnx.Rngs(seed)
   if name == "mlp":
-    return MLP(int(jnp.prod(jnp.array(in_shape))), num_classes, rngs=rngs)
+    return MLP(math.prod(in_shape), num_classes, rngs=rngs)
   return MODELS[name](in_shape[-1], num_classes, rngs=rngs)

@@ -77,7 +77,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(params, micro):
-    m = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh Variables inside this trace, so BatchNorm may update.
+    m = nnx.merge(graphdef, params, rest, copy=True)
     loss = _cross_entropy(m, micro)
     return loss, nnx.state(m, nnx.Not(nnx.Param))  # e.g. BatchNorm stats
 

@@ -112,3 +112,22 @@ def is_ambiguous(dist, tau, margin=1e-4):
   d = np.asarray(dist)
   d = d[np.isfinite(d)]
   return bool(np.any(np.abs(d - tau) < margin))
+
+
+def softmax_xent_linear_grads(x, y, kernel, bias):
+  """Gradients of mean softmax cross-entropy of ``x @ kernel + bias``.
+
+  Args:
+    x: ``[m, d]`` inputs; y: ``[m]`` int labels; kernel ``[d, c]``; bias
+      ``[c]``.
+
+  Returns:
+    ``(d_kernel [d, c], d_bias [c])`` in float64.
+  """
+  x = np.asarray(x, np.float64)
+  logits = x @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+  logits -= logits.max(axis=1, keepdims=True)
+  p = np.exp(logits)
+  p /= p.sum(axis=1, keepdims=True)
+  p[np.arange(len(y)), np.asarray(y)] -= 1.0
+  return x.T @ p / len(y), p.mean(axis=0)

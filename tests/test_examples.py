@@ -1,0 +1,222 @@
+"""The example training loop against float64 oracles, and CLI smoke tests."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+import pytest
+
+from examples import models
+from examples import noisy_labels
+from examples import training
+from tests import oracle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D, C, M = 4, 3, 5  # features, classes, examples per microbatch
+
+
+def _linear_problem(seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(2 * M, D)).astype(np.float32)
+  y = rng.integers(0, C, size=2 * M).astype(np.int32)
+  idx = np.arange(2 * M, dtype=np.int32).reshape(1, 2, M)  # 1 step, N=2
+  return x, y, idx
+
+
+def _run(method, tau, inner, x, y, idx, seed=0):
+  """Runs ``idx.shape[0]`` steps; returns (params before, after, opt_state)."""
+  model = nnx.Linear(D, C, rngs=nnx.Rngs(seed))
+  before = {k: np.asarray(v) for k, v in
+            nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()}
+  tx = training.make_tx(method, tau=tau, num_microbatches=2, inner=inner)
+  trainer, state = training.build(model, tx, num_microbatches=2,
+                                  train_x=jnp.asarray(x))
+  state, metrics = jax.jit(trainer.run_chunk)(
+      state, jnp.asarray(idx), jnp.asarray(y), jax.random.key(0))
+  model, opt = nnx.merge(trainer.graphdef, state)
+  after = {k: np.asarray(v) for k, v in
+           nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()}
+  return before, after, nnx.as_pure(opt.opt_state), metrics
+
+
+def _oracle_micrograds(params, x, y, idx_step):
+  flat = []
+  for micro in idx_step:
+    dk, db = oracle.softmax_xent_linear_grads(
+        x[micro], y[micro], params["kernel"], params["bias"])
+    flat.append(oracle.flatten([db[None], dk[None]])[0])  # leaf order b, k
+  return np.stack(flat)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("side", [-1, 1])
+def test_gaf_step_matches_oracle(seed, side):
+  """One step: the SGD update is -lr * the oracle's GAF mean, or nothing."""
+  x, y, idx = _linear_problem(seed)
+  model = nnx.Linear(D, C, rngs=nnx.Rngs(seed))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  flat = _oracle_micrograds(params, x, y, idx[0])
+  dist = oracle.cos_dist(flat[1], flat[0])
+  tau = float(np.clip(dist + side * 0.05, 0.0, 2.0))
+  if oracle.is_ambiguous([dist], tau, 1e-3):
+    pytest.skip("distance at the threshold")
+  update, _, _ = oracle.sequential(flat, tau)
+  lr = 0.5
+  before, after, _, metrics = _run("gaf-sequential", tau, optax.sgd(lr), x,
+                                   y, idx, seed)
+  delta = np.concatenate([(after[k] - before[k]).ravel()
+                          for k in ("bias", "kernel")])
+  if update is None:  # no agreement: a true skip leaves the params alone
+    assert side == -1
+    np.testing.assert_array_equal(delta, 0.0)
+    assert not bool(metrics.ready[0])
+  else:
+    assert side == 1
+    np.testing.assert_allclose(delta, -lr * update, rtol=1e-4, atol=1e-6)
+    assert float(metrics.acceptance_rate[0]) == 1.0
+
+
+def test_average_step_matches_oracle():
+  x, y, idx = _linear_problem(3)
+  model = nnx.Linear(D, C, rngs=nnx.Rngs(3))
+  flat = _oracle_micrograds(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                            x, y, idx[0])
+  before, after, _, metrics = _run("average", 0.5, optax.sgd(0.5), x, y, idx,
+                                   seed=3)
+  delta = np.concatenate([(after[k] - before[k]).ravel()
+                          for k in ("bias", "kernel")])
+  np.testing.assert_allclose(delta, -0.5 * flat.mean(0), rtol=1e-4, atol=1e-6)
+  assert np.isnan(metrics.acceptance_rate[0]) and bool(metrics.ready[0])
+
+
+def test_no_agreement_step_is_a_true_skip():
+  """Momentum and params freeze on a skipped step (a chain would coast)."""
+  x, y, idx = _linear_problem(4)
+  idx = np.concatenate([idx, idx])  # two steps on the same data
+  tau = lambda count: jnp.where(count == 0, 2.0, 0.0)  # accept, then skip
+  _, one, state1, _ = _run("gaf-sequential", tau,
+                           optax.sgd(0.5, momentum=0.9), x, y, idx[:1], 4)
+  _, two, state2, metrics = _run("gaf-sequential", tau,
+                                 optax.sgd(0.5, momentum=0.9), x, y, idx, 4)
+  np.testing.assert_array_equal(metrics.ready, [True, False])
+  for k in one:
+    np.testing.assert_array_equal(two[k], one[k])
+  trace1 = optax.tree.get(state1, "trace")
+  trace2 = optax.tree.get(state2, "trace")
+  jax.tree.map(np.testing.assert_array_equal, trace1, trace2)
+  assert any(np.any(t != 0) for t in jax.tree.leaves(trace1))
+
+
+class _BNNet(nnx.Module):
+
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(D, C, rngs=rngs)
+    self.bn = nnx.BatchNorm(C, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.lin(x))
+
+
+def test_batch_stats_are_the_mean_over_microbatches():
+  x, y, idx = _linear_problem(5)
+  model = _BNNet(nnx.Rngs(0))
+  kernel = np.asarray(model.lin.kernel[...], np.float64)
+  bias = np.asarray(model.lin.bias[...], np.float64)
+  tx = training.make_tx("average", tau=1.0, num_microbatches=2,
+                        inner=optax.sgd(0.0))
+  trainer, state = training.build(model, tx, num_microbatches=2,
+                                  train_x=jnp.asarray(x))
+  state, _ = jax.jit(trainer.run_chunk)(state, jnp.asarray(idx),
+                                        jnp.asarray(y), jax.random.key(0))
+  model, _ = nnx.merge(trainer.graphdef, state)
+  h = np.asarray(x, np.float64) @ kernel + bias
+  expected = np.mean([0.1 * h[m].mean(0) for m in idx[0]], axis=0)
+  np.testing.assert_allclose(model.bn.mean[...], expected, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_unknown_method_and_optimizer():
+  with pytest.raises(ValueError, match="Unknown method"):
+    training.make_tx("median", tau=1.0, num_microbatches=2,
+                     inner=optax.sgd(0.1))
+  with pytest.raises(ValueError, match="Unknown optimizer"):
+    training.make_inner("lion", 0.1)
+  with pytest.raises(ValueError, match="Unknown model"):
+    models.make_model("vit", (8, 8, 1), 10, 0)
+
+
+def test_models_output_shapes():
+  for name, shape in (("mlp", (8, 8, 1)), ("cnn", (8, 8, 1)),
+                      ("resnet18", (32, 32, 3))):
+    # Shapes only (abstract init and forward): an eager ResNet-18 takes half
+    # a minute on CPU.
+    model = nnx.eval_shape(
+        lambda n=name, s=shape: models.make_model(n, s, 7, seed=0))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    forward = lambda s, x, g=graphdef: nnx.merge(g, s)(x)
+    out = jax.eval_shape(forward, state, jnp.zeros((2,) + shape))
+    assert out.shape == (2, 7), name
+
+
+def test_flip_crop_keeps_shape_and_pixels():
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+  out = jax.jit(training.flip_crop, static_argnames='pad')(
+      jax.random.key(1), x, pad=2)
+  assert out.shape == x.shape
+  # Reflect padding only reuses pixels of the same image.
+  for i in range(4):
+    assert np.isin(np.asarray(out[i]), np.asarray(x[i])).all()
+
+
+def test_cli_writes_table_and_files(tmp_path, capsys):
+  rows = noisy_labels.main([
+      "--steps", "60", "--eval-every", "20", "--tau", "0.9",
+      "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  assert "val_acc" in printed and "memorisation" in printed
+  assert [r["method"] for r in rows] == ["average", "gaf-sequential"]
+  for r in rows:
+    assert 0.0 <= r["val_acc"] <= 1.0 and 0.0 <= r["memorisation"] <= 1.0
+    assert 0.0 <= r["best_val_acc"] <= 1.0
+  assert np.isnan(rows[0]["acceptance"])
+  assert 0.5 <= rows[1]["acceptance"] <= 1.0  # the anchor is always in
+  with open(tmp_path / "metrics.json") as f:
+    metrics = json.load(f)
+  assert metrics["config"]["label_noise"] == 0.4
+  assert len(metrics["history"]["gaf-sequential"]) == 3
+  with open(tmp_path / "history.csv") as f:
+    history = list(csv.DictReader(f))
+  assert len(history) == 6
+  assert {"method", "step", "val_acc", "memorisation", "acceptance_rate",
+          "skip_rate"} <= set(history[0])
+  assert [int(h["step"]) for h in history[:3]] == [20, 40, 60]
+  assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_cli_runs_as_a_script(tmp_path):
+  """``python examples/noisy_labels.py`` works from the repository root."""
+  out = subprocess.run(
+      [sys.executable, "examples/noisy_labels.py", "--method", "gaf",
+       "--epochs", "2", "--eval-every", "13", "--optimizer", "adamw",
+       "--lr", "1e-3", "--out", str(tmp_path)],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, "PYTHONPATH": ROOT})
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = json.loads((tmp_path / "metrics.json").read_text())["final"]
+  assert [r["method"] for r in rows] == ["gaf-sequential"]
+  assert rows[0]["val_acc"] > 0.15  # above chance after two epochs
+
+
+def test_cli_rejects_bad_options():
+  with pytest.raises(SystemExit):
+    noisy_labels.parse_args(["--num-microbatches", "1"])
+  with pytest.raises(SystemExit):
+    noisy_labels.parse_args(["--steps", "5", "--epochs", "1"])
