@@ -1,5 +1,6 @@
 """``gaf()``: the three stages wired into an Optax aggregator."""
 
+import functools
 from typing import Any, NamedTuple
 
 import chex
@@ -35,6 +36,12 @@ class GAFState(NamedTuple):
     skipped_steps: int32, the number of no-agreement steps so far.
     gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over the
       usable microgradients (Yin et al. 2018), free from the Gram matrix.
+    leaf_acceptance_rate: float32 ``[L]``, with ``granularity="per_leaf"`` the
+      fraction of microgradients accepted in each leaf (in ``jax.tree.leaves``
+      order); shape ``[0]`` otherwise. With ``per_leaf``, ``accepted`` and
+      ``cosine_distance`` have shape ``[L, N]``.
+    tau_history: float32 ``[M]``, the last M recorded cosine distances for an
+      :class:`AdaptiveTau` threshold (NaN where empty); shape ``[0]`` without.
   """
 
   count: jax.Array
@@ -46,6 +53,8 @@ class GAFState(NamedTuple):
   cosine_distance: jax.Array
   skipped_steps: jax.Array
   gradient_diversity: jax.Array
+  leaf_acceptance_rate: jax.Array
+  tau_history: jax.Array
 
 
 def _check_tau(tau: Any) -> None:
@@ -112,6 +121,40 @@ def check_microgradients(grads, params=None) -> int:
   return next(iter(sizes.values()))
 
 
+def gram_stage(grads, params, placement, per_leaf=False):
+  """Stage 1 as every aggregator runs it: checks, Gram matrix, usable mask.
+
+  Returns:
+    ``(leaves, treedef, n, gram, usable)``: the flat leaves, N over all
+    devices, the sanitized Gram matrix (``[N, N]``, or ``[L, N, N]``) and the
+    mask of finite, nonzero microgradients.
+  """
+  n_local = check_microgradients(grads, params)
+  n = placement.num_microgradients(n_local)
+  leaves, treedef = jax.tree.flatten(grads)
+  gram = placement.gram(leaves, per_leaf=per_leaf)
+  usable = _statistics.usable_from_gram(gram)
+  return leaves, treedef, n, _statistics.sanitize_gram(gram, usable), usable
+
+
+def _check_adaptive_tau(adaptive_tau) -> int:
+  """Validates an :class:`AdaptiveTau` and returns its history length."""
+  if adaptive_tau is None:
+    return 0
+  if not isinstance(adaptive_tau, _rules.AdaptiveTau):
+    raise TypeError(
+        "adaptive_tau must be an optax_gaf.AdaptiveTau(k, history, min_count);"
+        f" got {type(adaptive_tau).__name__}.")
+  history = _static_int(adaptive_tau.history, "history")
+  if history < 2 or not 2 <= adaptive_tau.min_count <= history:
+    raise ValueError(
+        "AdaptiveTau needs history >= 2 and 2 <= min_count <= history; got"
+        f" {adaptive_tau}.")
+  if not np.isfinite(adaptive_tau.k):
+    raise ValueError(f"AdaptiveTau.k must be finite; got {adaptive_tau.k}.")
+  return history
+
+
 def gaf(
     tau: float | optax.ScalarOrSchedule = 0.97,
     *,
@@ -119,6 +162,9 @@ def gaf(
     num_microbatches: int | None = None,
     axis_name: _collectives.AxisName | None = None,
     collective: str = "all_to_all",
+    granularity: str = "global",
+    temperature: float | None = None,
+    adaptive_tau: _rules.AdaptiveTau | None = None,
 ) -> aggregating.Aggregator:
   r"""Gradient Agreement Filtering: average only the microgradients that agree.
 
@@ -135,6 +181,11 @@ def gaf(
     accepted microgradients.
   * ``"pairwise"`` (the authors' package, ``step_GAF``): as above, but on
     agreement the aggregate becomes ``(G + g_i) / 2``.
+  * ``"medoid"`` (order-invariant): the anchor is the microgradient with the
+    most neighbours within ``tau``; output: the mean of it and its neighbours.
+  * ``"soft"``: weights ``sigmoid((tau - d_i) / temperature)`` on the cosine
+    distances ``d_i`` to the medoid anchor, output ``sum w_i g_i / sum w_i``;
+    a no-agreement step when ``sum`` of the non-anchor weights is below 1/2.
 
   Microgradients that are non-finite or zero are excluded, as if absent. When
   no microgradient agrees with the anchor (or fewer than two are usable), the
@@ -147,7 +198,7 @@ def gaf(
     tau: cosine distance threshold in ``[0, 2]``, or a schedule of the step
       count. ``tau=2`` accepts everything (the plain mean); ``tau=0`` accepts
       only exact alignment.
-    rule: ``"sequential"`` or ``"pairwise"``.
+    rule: ``"sequential"``, ``"pairwise"``, ``"medoid"`` or ``"soft"``.
     num_microbatches: N. When given, the state records per-microgradient
       ``accepted`` and ``cosine_distance`` of shape ``[N]`` and ``update``
       checks N. When None, those fields have shape ``[0]`` and the same
@@ -166,6 +217,14 @@ def gaf(
     collective: with ``axis_name``, ``"all_to_all"`` (default; about the
       traffic of one all-reduce, like ``pmean``) or ``"all_gather"`` (gathers
       every microgradient onto every device).
+      optimizer state works for any N.
+    granularity: ``"global"`` (the paper: one decision over the whole pytree)
+      or ``"per_leaf"`` (every parameter tensor is filtered on its own, with
+      its own Gram matrix, decisions and no-agreement; ``state.ready`` is False
+      only when no leaf agrees).
+    temperature: the ``"soft"`` rule's temperature (default 0.05); > 0.
+    adaptive_tau: an :class:`AdaptiveTau` to use ``min(tau, mean + k * std)``
+      of recent cosine distances as the threshold; works with every rule.
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` with
@@ -194,6 +253,19 @@ def gaf(
         f"Unknown GAF rule {rule!r}; choose one of {sorted(_rules.RULES)}."
     )
   rule_fn = _rules.RULES[rule]
+  if temperature is not None:
+    if rule != "soft":
+      raise ValueError(f"temperature is a parameter of rule='soft', not {rule!r}.")
+    if not float(temperature) > 0:
+      raise ValueError(f"temperature must be > 0; got {temperature}.")
+    rule_fn = functools.partial(rule_fn, temperature=temperature)
+  if granularity not in ("global", "per_leaf"):
+    raise ValueError(
+        f"granularity must be 'global' or 'per_leaf'; got {granularity!r}.")
+  per_leaf = granularity == "per_leaf"
+  if per_leaf:
+    rule_fn = jax.vmap(rule_fn, in_axes=(0, 0, None))
+  n_history = _check_adaptive_tau(adaptive_tau)
   if callable(tau):
     _check_tau(tau(0))
   else:
@@ -209,17 +281,20 @@ def gaf(
   placement = _collectives.make_placement(axis_name, collective)
 
   def init_fn(params):
-    del params
+    n_leaves = len(jax.tree.leaves(params)) if per_leaf else 0
+    per_n = (n_leaves, n_state) if per_leaf and n_state else (n_state,)
     return GAFState(
         count=jnp.zeros([], jnp.int32),
         ready=jnp.ones([], bool),
         tau=jnp.asarray(tau(0) if callable(tau) else tau, jnp.float32),
         num_accepted=jnp.zeros([], jnp.int32),
         acceptance_rate=jnp.zeros([], jnp.float32),
-        accepted=jnp.zeros([n_state], bool),
-        cosine_distance=jnp.zeros([n_state], jnp.float32),
+        accepted=jnp.zeros(per_n, bool),
+        cosine_distance=jnp.zeros(per_n, jnp.float32),
         skipped_steps=jnp.zeros([], jnp.int32),
         gradient_diversity=jnp.zeros([], jnp.float32),
+        leaf_acceptance_rate=jnp.zeros([n_leaves], jnp.float32),
+        tau_history=jnp.full([n_history], jnp.nan, jnp.float32),
     )
 
   def update_fn(grads, state, params=None):
@@ -237,27 +312,35 @@ def gaf(
         tau(state.count) if callable(tau) else tau, jnp.float32)
     leaves, treedef = jax.tree.flatten(grads)
 
-    gram = placement.gram(leaves)
+    if adaptive_tau is not None:
+      tau_t = _rules.adaptive_threshold(
+          state.tau_history, tau_t, adaptive_tau.k, adaptive_tau.min_count)
+
+    # per_leaf: [L, N, N] Gram matrices, [L, N] usable/weights/decisions.
+    gram = placement.gram(leaves, per_leaf=per_leaf)
     usable = _statistics.usable_from_gram(gram)
     gram = _statistics.sanitize_gram(gram, usable)
     out = rule_fn(gram, usable, tau_t)
     updates = treedef.unflatten(placement.combine(leaves, out.weights, usable))
 
+    ready = jnp.any(out.ready)
     num_accepted = jnp.sum(out.accepted, dtype=jnp.int32)
-    total = jnp.sum(gram)
     new_state = GAFState(
         count=optax.safe_increment(state.count),
-        ready=out.ready,
+        ready=ready,
         tau=tau_t,
         num_accepted=num_accepted,
-        acceptance_rate=num_accepted.astype(jnp.float32) / n,
+        acceptance_rate=jnp.mean(out.accepted, dtype=jnp.float32),
         accepted=out.accepted if n_state else state.accepted,
         cosine_distance=out.cosine_distance if n_state
         else state.cosine_distance,
-        skipped_steps=state.skipped_steps + (~out.ready).astype(jnp.int32),
-        gradient_diversity=jnp.where(
-            total > 0, jnp.trace(gram) / jnp.where(total > 0, total, 1.0),
-            jnp.inf),
+        skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
+        gradient_diversity=_statistics.gradient_diversity(gram),
+        leaf_acceptance_rate=jnp.mean(out.accepted, axis=-1, dtype=jnp.float32)
+        if per_leaf else state.leaf_acceptance_rate,
+        tau_history=_rules.record_distances(
+            state.tau_history, out.cosine_distance)
+        if adaptive_tau is not None else state.tau_history,
     )
     return updates, new_state
 
@@ -267,16 +350,22 @@ def gaf(
 _STAT_FIELDS = (
     "count", "ready", "tau", "num_accepted", "acceptance_rate", "accepted",
     "cosine_distance", "skipped_steps", "gradient_diversity",
+    "leaf_acceptance_rate", "tau_history",
 )
+
+
+# The states stats() reads, by name (optax.tree.get matches NamedTuple names).
+_STATE_NAMES = ("GAFState", "AndMaskState", "AdaConsState")
 
 
 def stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   """Collects the :class:`GAFState` diagnostics for logging.
 
   Args:
-    opt_state: an optimizer state that holds exactly one :class:`GAFState`,
-      anywhere (``optax.chain``, ``aggregating.process``,
-      ``inject_hyperparams``).
+    opt_state: an optimizer state that holds exactly one :class:`GAFState`
+      (or ``AndMaskState`` / ``AdaConsState`` of :func:`and_mask` /
+      :func:`adacons`, whose fields are returned as they are), anywhere
+      (``optax.chain``, ``aggregating.process``, ``inject_hyperparams``).
 
   Returns:
     A dict with the state's fields (``count``, ``ready``, ``tau``,
@@ -293,9 +382,16 @@ def stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
     >>> bool(s["ready"]), int(s["skipped_steps"]), float(s["skip_rate"])
     (False, 1, 1.0)
   """
-  gaf_state = tree.get(opt_state, "GAFState", None)
-  if gaf_state is None:
+  found = [tree.get(opt_state, name, None) for name in _STATE_NAMES]
+  found = [s for s in found if s is not None]
+  if not found:
     raise ValueError("opt_state holds no GAFState; is gaf() in the optimizer?")
-  out = {name: getattr(gaf_state, name) for name in _STAT_FIELDS}
+  if len(found) > 1:
+    raise ValueError("opt_state holds more than one aggregator state.")
+  gaf_state = found[0]
+  if isinstance(gaf_state, GAFState):
+    out = {name: getattr(gaf_state, name) for name in _STAT_FIELDS}
+  else:  # and_mask, adacons: all their fields are diagnostics
+    out = gaf_state._asdict()
   out["skip_rate"] = gaf_state.skipped_steps / jnp.maximum(gaf_state.count, 1)
   return out

@@ -103,7 +103,123 @@ def pairwise(gram, usable, tau) -> RuleOutput:
   return RuleOutput(weights, ready, accepted, dist)
 
 
+def cosine_distance_matrix(gram):
+  """All pairwise cosine distances ``[N, N]`` from the Gram matrix."""
+  diag = jnp.diagonal(gram)
+  return cosine_distance(gram, diag[:, None], diag[None, :])
+
+
+def _medoid_anchor(gram, usable, tau):
+  """The microgradient with the most neighbours within ``tau``.
+
+  Returns ``(anchor one-hot [N], has_anchor, neighbours of the anchor [N],
+  distances to the anchor [N] (0 at the anchor, NaN where unusable))``.
+  """
+  n = gram.shape[-1]
+  dist = cosine_distance_matrix(gram)
+  pair = usable[:, None] & usable[None, :] & ~jnp.eye(n, dtype=bool)
+  neighbours = pair & (dist <= tau)
+  counts = jnp.where(usable, jnp.sum(neighbours, axis=1), -1)
+  # argmax returns the first maximum: ties go to the lowest index.
+  anchor = jnp.argmax(counts)
+  has_anchor = jnp.any(usable)
+  is_anchor = jax.nn.one_hot(anchor, n, dtype=bool) & has_anchor
+  to_anchor = jnp.where(is_anchor, 0.0, jnp.where(usable, dist[anchor], jnp.nan))
+  return is_anchor, has_anchor, neighbours[anchor], to_anchor
+
+
+def medoid(gram, usable, tau) -> RuleOutput:
+  """Order-invariant GAF: the anchor is the best-connected microgradient.
+
+  The anchor is the usable microgradient with the most neighbours within
+  cosine distance ``tau`` (ties go to the lowest index). The anchor and its
+  neighbours are accepted and averaged. An anchor without any neighbour is a
+  no-agreement step. Up to ties, the decisions do not depend on the order of the
+  microgradients, unlike Algorithm 1 whose first microgradient is the anchor.
+  """
+  is_anchor, _, neighbours, to_anchor = _medoid_anchor(gram, usable, tau)
+  ready = jnp.any(neighbours)
+  members = is_anchor | neighbours
+  weights = jnp.where(ready, members / jnp.maximum(jnp.sum(members), 1), 0.0)
+  accepted = jnp.where(ready, members, is_anchor)
+  return RuleOutput(weights.astype(jnp.float32), ready, accepted, to_anchor)
+
+
+def soft(gram, usable, tau, temperature=0.05) -> RuleOutput:
+  """Soft medoid GAF: sigmoid weights instead of a hard gate.
+
+  Each usable microgradient gets ``w_i = sigmoid((tau - d_i) / temperature)``,
+  where ``d_i`` is its cosine distance to the medoid anchor (see
+  :func:`medoid`); the output is ``sum_i w_i g_i / sum_i w_i``. As
+  ``temperature -> 0`` the weights become the hard medoid rule's, and as
+  ``temperature -> inf`` they become equal (the plain mean).
+
+  No-agreement step: the soft count of the anchor's neighbours,
+  ``sum_{i != anchor} w_i``, is below 1/2 (less than half a neighbour). At
+  ``temperature -> 0`` this is the medoid rule's "no neighbour within tau"; at
+  ``temperature -> inf`` it never happens when two or more are usable.
+  ``accepted`` marks ``d_i <= tau`` (weight >= 1/2).
+  """
+  is_anchor, has_anchor, _, to_anchor = _medoid_anchor(gram, usable, tau)
+  z = (tau - jnp.where(usable, to_anchor, 0.0)) / temperature
+  w = jnp.where(usable, jax.nn.sigmoid(z), 0.0)
+  ready = has_anchor & (jnp.sum(jnp.where(is_anchor, 0.0, w)) >= 0.5)
+  weights = jnp.where(ready, w / jnp.where(ready, jnp.sum(w), 1.0), 0.0)
+  accepted = jnp.where(ready, usable & (to_anchor <= tau), is_anchor)
+  return RuleOutput(weights.astype(jnp.float32), ready, accepted, to_anchor)
+
+
 RULES: dict[str, Rule] = {
     "sequential": sequential,
     "pairwise": pairwise,
+    "medoid": medoid,
+    "soft": soft,
 }
+
+
+class AdaptiveTau(NamedTuple):
+  """An adaptive threshold ``tau_t = min(tau, mean + k * std)`` for :func:`gaf`.
+
+  The mean and standard deviation are those of the last ``history`` recorded
+  cosine distances, as in the authors' CIFAR-100N script. They live in the state
+  as a fixed-shape ``[history]`` buffer (``GAFState.tau_history``, NaN where
+  empty). Every step records the rule's ``cosine_distance`` of the usable
+  microgradients, except exact zeros (the anchor, and exact copies of it), and
+  the threshold of a step uses only earlier steps' distances. Until at least
+  ``min_count`` distances are recorded, ``tau_t = tau``.
+
+  Attributes:
+    k: how many standard deviations above the mean.
+    history: M, the number of most recent distances kept.
+    min_count: distances needed before the threshold adapts (>= 2).
+  """
+
+  k: float = 1.0
+  history: int = 256
+  min_count: int = 2
+
+
+def adaptive_threshold(history, tau, k, min_count):
+  """``min(tau, mean + k * std)`` over the finite entries of ``history``."""
+  ok = jnp.isfinite(history)
+  count = jnp.sum(ok)
+  safe = jnp.where(ok, history, 0.0)
+  mean = jnp.sum(safe) / jnp.maximum(count, 1)
+  var = jnp.sum(jnp.where(ok, (history - mean) ** 2, 0.0)) / jnp.maximum(count, 1)
+  adapted = jnp.minimum(tau, mean + k * jnp.sqrt(var))
+  return jnp.where(count >= min_count, adapted, tau).astype(jnp.float32)
+
+
+def record_distances(history, distances):
+  """Appends the finite, nonzero ``distances`` to the ``[M]`` history.
+
+  The buffer keeps its entries in arrival order with the NaN (empty) slots
+  first, so the last M recorded distances are always its last finite entries.
+  """
+  distances = jnp.ravel(distances).astype(history.dtype)
+  distances = jnp.where(distances == 0, jnp.nan, distances)
+  both = jnp.concatenate([history, distances])
+  # A stable sort on "is recorded" moves the empty slots to the front and keeps
+  # the recorded ones in arrival order.
+  order = jnp.argsort(jnp.isfinite(both), stable=True)
+  return both[order][-history.shape[0]:]

@@ -111,3 +111,17 @@ class LocalPlacement(NamedTuple):
 
   def combine(self, leaves, weights, usable):
     return weighted_sum(leaves, weights, usable)
+
+
+def gradient_diversity(gram_matrix: jax.Array) -> jax.Array:
+  """``sum_i ||g_i||^2 / ||sum_i g_i||^2`` (Yin et al. 2018) from the Gram matrix.
+
+  A stack ``[L, N, N]`` of per-leaf matrices is summed first (the whole-pytree
+  value). Infinite when the microgradients sum to zero.
+  """
+  if gram_matrix.ndim == 3:
+    gram_matrix = jnp.sum(gram_matrix, axis=0)
+  total = jnp.sum(gram_matrix)
+  return jnp.where(
+      total > 0, jnp.trace(gram_matrix) / jnp.where(total > 0, total, 1.0),
+      jnp.inf).astype(jnp.float32)

@@ -1,0 +1,186 @@
+"""``adacons()``: adaptive consensus weighting (Choukroun et al., 2024).
+
+A rule on the Gram matrix plus state: the coefficients need only the inner
+products ``<g_i, sum_j g_j>`` and the norms, so it runs unchanged on every
+device of a multi-device placement.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.experimental import aggregating
+
+from optax_gaf import _aggregator
+from optax_gaf import _statistics
+
+
+class AdaConsState(NamedTuple):
+  """State of :func:`adacons`.
+
+  Attributes:
+    count: int32, the number of ``update`` calls so far.
+    ready: bool, False when no consensus exists (no usable microgradient, or
+      coefficients that do not sum to a positive number): the update is zero
+      and ``aggregating.process`` skips the inner optimizer.
+    coefficients: float32 ``[N]``, the normalised coefficients ``alpha_i`` of
+      the last step (summing to one). Shape ``[0]`` without
+      ``num_microbatches``.
+    sorted_momentum: float32 ``[N]``, the moving average of the sorted raw
+      coefficients (the subspace momentum). Shape ``[0]`` when ``momentum``
+      is 0 and ``num_microbatches`` is not given.
+    skipped_steps: int32, the number of steps with ``ready`` False.
+    gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2``.
+  """
+
+  count: jax.Array
+  ready: jax.Array
+  coefficients: jax.Array
+  sorted_momentum: jax.Array
+  skipped_steps: jax.Array
+  gradient_diversity: jax.Array
+
+
+def consensus_weights(gram, usable, sorted_momentum, first, momentum,
+                      rescale):
+  """AdaCons from the sanitized Gram matrix.
+
+  Returns ``(weights [N], ready, coefficients [N], new sorted_momentum)``; the
+  update is ``sum_i weights[i] g_i``.
+  """
+  n_ok = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
+  norms = jnp.sqrt(jnp.diagonal(gram))
+  inv_norm = jnp.where(usable, 1.0 / jnp.where(usable, norms, 1.0), 0.0)
+  # <g_i, sum_j g_j> / ||g_i|| / N: the projection of the mean on g_i's direction.
+  raw = jnp.where(usable, jnp.sum(gram, axis=1) * inv_norm / n_ok, 0.0)
+  order = jnp.argsort(raw, stable=True)
+  sorted_raw = raw[order]
+  if sorted_momentum is not None:
+    sorted_raw = jnp.where(
+        first, sorted_raw,
+        momentum * sorted_momentum + (1.0 - momentum) * sorted_raw)
+  # Give back to the microgradient of rank k the k-th averaged coefficient.
+  alpha = jnp.zeros_like(raw).at[order].set(sorted_raw)
+  alpha = jnp.where(usable, alpha, 0.0)
+  total = jnp.sum(alpha)
+  ready = jnp.any(usable) & (total > 0)
+  alpha = jnp.where(ready, alpha / jnp.where(ready, total, 1.0), 0.0)
+  weights = alpha * inv_norm
+  if rescale:
+    # The direction sum_i alpha_i g_i / ||g_i|| gets the plain mean's length.
+    sq_dir = weights @ gram @ weights
+    sq_mean = jnp.sum(gram) / n_ok**2
+    scale = jnp.where(sq_dir > 0,
+                      jnp.sqrt(sq_mean / jnp.where(sq_dir > 0, sq_dir, 1.0)),
+                      0.0)
+    weights = weights * scale
+  return weights.astype(jnp.float32), ready, alpha, sorted_raw
+
+
+def adacons(
+    momentum: float = 0.0,
+    *,
+    num_microbatches: int | None = None,
+    rescale: bool = True,
+) -> aggregating.Aggregator:
+  r"""Adaptive consensus gradient aggregation (AdaCons).
+
+  With usable microgradients ``g_1 .. g_N``:
+
+  1. raw coefficients ``a_i = <g_i, sum_j g_j> / (N ||g_i||)``;
+  2. subspace momentum: ``m <- momentum * m + (1 - momentum) * sort(a)``
+     (``m = sort(a)`` at the first step) and every microgradient gets the
+     entry of ``m`` at its rank, ``alpha_i = m[rank(a_i)]``;
+  3. normalisation ``alpha <- alpha / sum_i alpha_i``;
+  4. the update ``sum_i alpha_i g_i / ||g_i||``, and with ``rescale`` (the
+     default) rescaled to the length of the plain mean ``||mean_i g_i||``.
+
+  Steps 1-4 follow the authors' sample implementation (``AdaConsAggregator``
+  in ``Main.py`` of github.com/yoniLc/AdaCons, without its ``1e-8`` in the
+  norms), with two differences, both choices of this library: (a) there the
+  averaged sorted coefficients are put back with ``m[argsort(a)]``, which is
+  the inverse permutation only when it is an involution; here ``alpha_i`` is
+  ``m`` at ``a_i``'s rank, as the paper's "momentum on the sorted
+  coefficients" describes; (b) the sample returns the unit-norm combination
+  (its demo picks the step size by line search); the paper's exact rescaling
+  was not available to us, so ``rescale=True`` gives the direction the plain
+  mean's length, and ``rescale=False`` returns the sample's output.
+
+  Non-finite or zero microgradients are excluded (raw coefficient 0, weight 0).
+  If the coefficients do not sum to a positive number, the step is a
+  no-agreement step: zero update, ``ready`` False.
+
+  Args:
+    momentum: subspace momentum in ``[0, 1)``; 0 disables it.
+    num_microbatches: N. Required when ``momentum > 0`` (the momentum state has
+      shape ``[N]``); when given, ``coefficients`` are recorded in the state.
+    rescale: give the update the plain mean's norm (see above).
+
+  Returns:
+    An :class:`optax.experimental.aggregating.Aggregator` with
+    :class:`AdaConsState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_gaf
+    >>> tx = optax_gaf.adacons(num_microbatches=2)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([[3.0, 4.0], [3.0, 4.0]]), state)
+    >>> updates
+    Array([3., 4.], dtype=float32)
+    >>> state.coefficients
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Choukroun, Azoulay and Kisilev, `Adaptive Consensus Gradients Aggregation
+    for Scaled Distributed Training <https://arxiv.org/abs/2411.03742>`_, 2024.
+  """
+  momentum = float(momentum)
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"momentum must lie in [0, 1); got {momentum}.")
+  if num_microbatches is not None:
+    num_microbatches = _aggregator._static_int(  # pylint: disable=protected-access
+        num_microbatches, "num_microbatches")
+    if num_microbatches < 1:
+      raise ValueError(
+          f"num_microbatches must be >= 1; got {num_microbatches}.")
+  elif momentum > 0:
+    raise ValueError(
+        "adacons(momentum > 0) keeps the sorted coefficients in the state and"
+        " needs num_microbatches=N to fix their shape.")
+  n_state = num_microbatches or 0
+  placement = _statistics.LocalPlacement()
+
+  def init_fn(params):
+    del params
+    return AdaConsState(
+        count=jnp.zeros([], jnp.int32),
+        ready=jnp.ones([], bool),
+        coefficients=jnp.zeros([n_state], jnp.float32),
+        sorted_momentum=jnp.zeros([n_state], jnp.float32),
+        skipped_steps=jnp.zeros([], jnp.int32),
+        gradient_diversity=jnp.zeros([], jnp.float32),
+    )
+
+  def update_fn(grads, state, params=None):
+    leaves, treedef, n, gram, usable = _aggregator.gram_stage(
+        grads, params, placement)
+    if num_microbatches is not None and n != num_microbatches:
+      raise ValueError(
+          f"adacons(num_microbatches={num_microbatches}) got {n}"
+          " microgradients.")
+    weights, ready, alpha, sorted_m = consensus_weights(
+        gram, usable, state.sorted_momentum if momentum > 0 else None,
+        state.count == 0, momentum, rescale)
+    updates = treedef.unflatten(placement.combine(leaves, weights, usable))
+    new_state = AdaConsState(
+        count=optax.safe_increment(state.count),
+        ready=ready,
+        coefficients=alpha if n_state else state.coefficients,
+        sorted_momentum=sorted_m if n_state else state.sorted_momentum,
+        skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
+        gradient_diversity=_statistics.gradient_diversity(gram),
+    )
+    return updates, new_state
+
+  return aggregating.Aggregator(init_fn, update_fn)
