@@ -13,6 +13,7 @@ import optax
 from optax.experimental import aggregating
 
 from optax_gaf import _aggregator
+from optax_gaf import _collectives
 from optax_gaf import _statistics
 
 
@@ -83,6 +84,8 @@ def adacons(
     *,
     num_microbatches: int | None = None,
     rescale: bool = True,
+    axis_name: _collectives.AxisName | None = None,
+    collective: str = "all_to_all",
 ) -> aggregating.Aggregator:
   r"""Adaptive consensus gradient aggregation (AdaCons).
 
@@ -116,6 +119,11 @@ def adacons(
     num_microbatches: N. Required when ``momentum > 0`` (the momentum state has
       shape ``[N]``); when given, ``coefficients`` are recorded in the state.
     rescale: give the update the plain mean's norm (see above).
+    axis_name: as in :func:`gaf`: the mesh axis the microgradients are spread
+      over (``shard_map``/``pmap``/a ``jax.set_mesh`` mesh), or None; N is
+      then the global count. The coefficients come from the replicated Gram
+      matrix, so every device computes the same ones.
+    collective: as in :func:`gaf`.
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` with
@@ -149,7 +157,7 @@ def adacons(
         "adacons(momentum > 0) keeps the sorted coefficients in the state and"
         " needs num_microbatches=N to fix their shape.")
   n_state = num_microbatches or 0
-  placement = _statistics.LocalPlacement()
+  placement = _collectives.make_placement(axis_name, collective)
 
   def init_fn(params):
     del params

@@ -282,6 +282,10 @@ def gaf(
 
   def init_fn(params):
     n_leaves = len(jax.tree.leaves(params)) if per_leaf else 0
+    if per_leaf and not n_leaves:
+      raise ValueError(
+          "gaf(granularity='per_leaf') sizes its per-leaf statistics from the"
+          " params: pass them to init (got no leaves).")
     per_n = (n_leaves, n_state) if per_leaf and n_state else (n_state,)
     return GAFState(
         count=jnp.zeros([], jnp.int32),

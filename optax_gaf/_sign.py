@@ -15,6 +15,7 @@ import optax
 from optax.experimental import aggregating
 
 from optax_gaf import _aggregator
+from optax_gaf import _collectives
 from optax_gaf import _statistics
 
 
@@ -28,7 +29,8 @@ class AndMaskState(NamedTuple):
       ``aggregating.process`` skips the inner optimizer.
     agreement_threshold: float32, the threshold used at the last step.
     mask_fraction: float32, the fraction of all coordinates kept.
-    leaf_mask_fraction: float32 ``[L]``, the fraction kept in each leaf.
+    leaf_mask_fraction: float32 ``[L]``, the fraction kept in each leaf, in
+      ``jax.tree.leaves`` order; shape ``[0]`` when ``init`` got no params.
     skipped_steps: int32, the number of steps with ``ready`` False.
     gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2``.
   """
@@ -57,6 +59,8 @@ def and_mask(
     agreement_threshold: float | optax.ScalarOrSchedule = 1.0,
     *,
     scale_grad_inverse_sparsity: bool = False,
+    axis_name: _collectives.AxisName | None = None,
+    collective: str = "all_to_all",
 ) -> aggregating.Aggregator:
   r"""AND-mask: average the microgradients where their signs agree.
 
@@ -79,6 +83,11 @@ def and_mask(
       all microgradients have the same nonzero sign.
     scale_grad_inverse_sparsity: rescale each leaf by the inverse of its kept
       fraction, to make up for the magnitude lost to the mask.
+    axis_name: as in :func:`gaf`: the mesh axis the microgradients are spread
+      over (``shard_map``/``pmap``/a ``jax.set_mesh`` mesh), or None. The
+      sign sums and the mean are weighted sums, so across devices they cost
+      two of :func:`gaf`'s combines.
+    collective: as in :func:`gaf`.
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` with
@@ -101,7 +110,7 @@ def and_mask(
     _check_threshold(agreement_threshold(0))
   else:
     _check_threshold(agreement_threshold)
-  placement = _statistics.LocalPlacement()
+  placement = _collectives.make_placement(axis_name, collective)
 
   def threshold_at(count):
     value = (agreement_threshold(count) if callable(agreement_threshold)
@@ -109,6 +118,7 @@ def and_mask(
     return jnp.asarray(value, jnp.float32)
 
   def init_fn(params):
+    # Per-leaf fractions are recorded when init sees the params (else [0]).
     n_leaves = len(jax.tree.leaves(params))
     return AndMaskState(
         count=jnp.zeros([], jnp.int32),
@@ -147,7 +157,9 @@ def and_mask(
         ready=ready,
         agreement_threshold=threshold,
         mask_fraction=mask_fraction,
-        leaf_mask_fraction=fractions,
+        leaf_mask_fraction=fractions
+        if state.leaf_mask_fraction.shape == fractions.shape
+        else state.leaf_mask_fraction,
         skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
         gradient_diversity=_statistics.gradient_diversity(gram),
     )

