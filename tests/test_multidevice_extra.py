@@ -97,15 +97,20 @@ def test_shard_map_equals_single_device(case, n_local):
     (_, s_single), (_, s_multi) = want, got
 
 
+def _draw(n, seed):
+  """Microgradients on one device, and the same sharded over the mesh."""
+  leaves = oracle.make_microgradients(np.random.default_rng(seed), n, SHAPES,
+                                      0.5)
+  grads = {"w": leaves[0], "b": leaves[1]}
+  return grads, jax.device_put(grads, NamedSharding(_mesh(), P("data")))
+
+
 @pytest.mark.parametrize("case", ["soft_per_leaf", "and_mask"])
 def test_all_gather_collective_equals_single_device(case):
   n = D
   single, single_update, multi = _aggregators(case, n, "all_gather")
-  rng = np.random.default_rng(5)
-  leaves = oracle.make_microgradients(rng, n, SHAPES, 0.5)
-  grads = {"w": leaves[0], "b": leaves[1]}
+  grads, sharded = _draw(n, seed=5)
   want = single_update(grads, single.init(_params()))
-  sharded = jax.device_put(grads, NamedSharding(_mesh(), P("data")))
   got = _shard_map_update(multi)(sharded, multi.init(_params()))
   _assert_same(got, want)
 
@@ -113,11 +118,8 @@ def test_all_gather_collective_equals_single_device(case):
 @pytest.mark.parametrize("case", ["medoid_per_leaf", "and_mask"])
 def test_plain_jit_with_sharded_microbatch_axis(case):
   single, single_update, _ = _aggregators(case, D, "all_to_all")
-  rng = np.random.default_rng(9)
-  leaves = oracle.make_microgradients(rng, D, SHAPES, 0.5)
-  grads = {"w": leaves[0], "b": leaves[1]}
+  grads, sharded = _draw(D, seed=9)
   want = single_update(grads, single.init(_params()))
-  sharded = jax.device_put(grads, NamedSharding(_mesh(), P("data")))
   # Same jitted function, now with the microbatch axis sharded: the mesh path.
   got = single_update(sharded, single.init(_params()))
   _assert_same(got, want)
