@@ -33,6 +33,19 @@ METHODS: dict[str, Callable[[float, int], Any]] = {
         tau, rule="sequential", num_microbatches=n),
     "gaf-pairwise": lambda tau, n: optax_gaf.gaf(
         tau, rule="pairwise", num_microbatches=n),
+    # Rules beyond the paper (README "Rules beyond the paper").
+    "gaf-medoid": lambda tau, n: optax_gaf.gaf(
+        tau, rule="medoid", num_microbatches=n),
+    "gaf-soft": lambda tau, n: optax_gaf.gaf(
+        tau, rule="soft", temperature=0.05, num_microbatches=n),
+    "gaf-per-leaf": lambda tau, n: optax_gaf.gaf(
+        tau, granularity="per_leaf", num_microbatches=n),
+    "gaf-adaptive": lambda tau, n: optax_gaf.gaf(
+        tau, adaptive_tau=optax_gaf.AdaptiveTau(k=1.0, history=256),
+        num_microbatches=n),
+    # Not GAF: tau is unused.
+    "and-mask": lambda tau, n: optax_gaf.and_mask(1.0),
+    "adacons": lambda tau, n: optax_gaf.adacons(0.9, num_microbatches=n),
 }
 
 
@@ -89,7 +102,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   optimizer.update(model, grads)
   try:
     s = optax_gaf.stats(nnx.as_pure(optimizer.opt_state))
-    acc, ready = s["acceptance_rate"], s["ready"]
+    # and_mask/adacons have no acceptance rate.
+    acc = s.get("acceptance_rate", jnp.float32(jnp.nan))
+    ready = s["ready"]
   except ValueError:  # no GAFState: plain averaging
     acc, ready = jnp.float32(jnp.nan), jnp.bool_(True)
   return StepMetrics(jnp.mean(losses), acc, ready)
