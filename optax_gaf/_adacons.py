@@ -53,7 +53,7 @@ def consensus_weights(gram, usable, sorted_momentum, first, momentum,
   n_ok = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
   norms = jnp.sqrt(jnp.diagonal(gram))
   inv_norm = jnp.where(usable, 1.0 / jnp.where(usable, norms, 1.0), 0.0)
-  # <g_i, sum_j g_j> / ||g_i|| / N: the projection of the mean on g_i's direction.
+  # <g_i, sum_j g_j> / ||g_i|| / N: the mean projected on g_i's direction.
   raw = jnp.where(usable, jnp.sum(gram, axis=1) * inv_norm / n_ok, 0.0)
   order = jnp.argsort(raw, stable=True)
   sorted_raw = raw[order]

@@ -217,7 +217,6 @@ def gaf(
     collective: with ``axis_name``, ``"all_to_all"`` (default; about the
       traffic of one all-reduce, like ``pmean``) or ``"all_gather"`` (gathers
       every microgradient onto every device).
-      optimizer state works for any N.
     granularity: ``"global"`` (the paper: one decision over the whole pytree)
       or ``"per_leaf"`` (every parameter tensor is filtered on its own, with
       its own Gram matrix, decisions and no-agreement; ``state.ready`` is False
@@ -255,7 +254,8 @@ def gaf(
   rule_fn = _rules.RULES[rule]
   if temperature is not None:
     if rule != "soft":
-      raise ValueError(f"temperature is a parameter of rule='soft', not {rule!r}.")
+      raise ValueError(
+          f"temperature is a parameter of rule='soft', not {rule!r}.")
     if not float(temperature) > 0:
       raise ValueError(f"temperature must be > 0; got {temperature}.")
     rule_fn = functools.partial(rule_fn, temperature=temperature)

@@ -124,7 +124,8 @@ def _medoid_anchor(gram, usable, tau):
   anchor = jnp.argmax(counts)
   has_anchor = jnp.any(usable)
   is_anchor = jax.nn.one_hot(anchor, n, dtype=bool) & has_anchor
-  to_anchor = jnp.where(is_anchor, 0.0, jnp.where(usable, dist[anchor], jnp.nan))
+  to_anchor = jnp.where(is_anchor, 0.0,
+                        jnp.where(usable, dist[anchor], jnp.nan))
   return is_anchor, has_anchor, neighbours[anchor], to_anchor
 
 
@@ -205,7 +206,8 @@ def adaptive_threshold(history, tau, k, min_count):
   count = jnp.sum(ok)
   safe = jnp.where(ok, history, 0.0)
   mean = jnp.sum(safe) / jnp.maximum(count, 1)
-  var = jnp.sum(jnp.where(ok, (history - mean) ** 2, 0.0)) / jnp.maximum(count, 1)
+  sq_dev = jnp.where(ok, (history - mean) ** 2, 0.0)
+  var = jnp.sum(sq_dev) / jnp.maximum(count, 1)  # population variance
   adapted = jnp.minimum(tau, mean + k * jnp.sqrt(var))
   return jnp.where(count >= min_count, adapted, tau).astype(jnp.float32)
 

@@ -150,7 +150,8 @@ def and_mask(
       out.append(y)
     sizes = np.array([np.prod(m.shape) for m in masks], np.float64)
     # Weighted in float32: an int32 count would overflow past 2**31 params.
-    mask_fraction = jnp.sum(fractions * (sizes / sizes.sum()).astype(np.float32))
+    mask_fraction = jnp.sum(
+        fractions * (sizes / sizes.sum()).astype(np.float32))
     ready = jnp.any(usable) & jnp.any(fractions > 0)
     new_state = AndMaskState(
         count=optax.safe_increment(state.count),

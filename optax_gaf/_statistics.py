@@ -114,7 +114,7 @@ class LocalPlacement(NamedTuple):
 
 
 def gradient_diversity(gram_matrix: jax.Array) -> jax.Array:
-  """``sum_i ||g_i||^2 / ||sum_i g_i||^2`` (Yin et al. 2018) from the Gram matrix.
+  """``sum_i ||g_i||^2 / ||sum_i g_i||^2`` (Yin et al. 2018) from the Gram.
 
   A stack ``[L, N, N]`` of per-leaf matrices is summed first (the whole-pytree
   value). Infinite when the microgradients sum to zero.

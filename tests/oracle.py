@@ -4,6 +4,8 @@ They work on the flattened microgradients directly (no Gram matrix), so they
 check the library's Gram -> rule -> combine route from the outside.
 """
 
+import zlib
+
 import numpy as np
 
 
@@ -163,7 +165,8 @@ def medoid_anchor(flat, tau):
       best, best_count = i, count
   if best is None:
     return None, [], np.full(n, np.nan)
-  neighbours = [j for j in range(n) if j != best and ok[j] and d[best, j] <= tau]
+  neighbours = [j for j in range(n)
+                if j != best and ok[j] and d[best, j] <= tau]
   to_anchor = d[best].copy()
   to_anchor[best] = 0.0
   return best, neighbours, to_anchor
@@ -259,6 +262,12 @@ def adacons(flat, sorted_momentum=None, momentum=0.0, rescale=True):
     mean = total / n_ok
     update = update * np.linalg.norm(mean) / np.linalg.norm(update)
   return update, alpha, m
+
+
+def seed_of(*args):
+  """A seed from test parameters, stable across runs (``hash`` of a str is
+  salted per process)."""
+  return zlib.crc32(repr(args).encode())
 
 
 def gradient_diversity(flat):
