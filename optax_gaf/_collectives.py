@@ -149,17 +149,26 @@ def _context_mesh(axes: tuple[Hashable, ...]):
 
 
 def _explicit_batch_sharding(leaves: Sequence[jax.Array]):
-  """(mesh, axes) if every leaf's leading axis is sharded over Explicit axes."""
+  """(mesh, axes) when leading axes are sharded over Explicit mesh axes.
+
+  Leaves whose leading axis is not sharded are moved like the others.
+
+  Raises:
+    ValueError: if leaves shard their leading axis over different axes.
+  """
   found = set()
   for x in leaves:
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if not spec or spec[0] is None:
-      return None
-    found.add((sharding.mesh, _names(spec[0])))
-  if len(found) != 1:
-    return None
-  return found.pop()
+    if spec and spec[0] is not None:
+      found.add((sharding.mesh, _names(spec[0])))
+  if len(found) > 1:
+    raise ValueError(
+        "The microgradient leaves shard their microbatch axis over different"
+        f" mesh axes: {sorted(str(axes) for _, axes in found)}. Shard them all"
+        " alike."
+    )
+  return found.pop() if found else None
 
 
 class MeshPlacement(NamedTuple):

@@ -319,3 +319,27 @@ def test_plain_jit_takes_the_all_to_all_plan(axis_type, axis_name, set_mesh):
   _assert_matches_oracle(updates, state, leaves, "sequential")
   assert " all-to-all(" in hlo
   assert not _gathers_of_all_microgradients(hlo, n)
+
+
+def test_plain_jit_explicit_with_an_unsharded_leaf():
+  """One leaf's microbatch axis sharded, the other replicated: still exact."""
+  n = 2 * D
+  mesh = jax.make_mesh((D,), ("data",))  # Explicit axes by default
+  leaves = _fixed_microgradients(n, seed=7)
+  agg = optax_gaf.gaf(0.5, num_microbatches=n)
+  grads = _tree([jax.device_put(leaves[0], NamedSharding(mesh, P("data"))),
+                 jax.device_put(leaves[1], NamedSharding(mesh, P()))])
+  fn = jax.jit(agg.update)
+  hlo = fn.lower(grads, agg.init(None)).compile().as_text()
+  _assert_matches_oracle(*fn(grads, agg.init(None)), leaves, "sequential")
+  assert not _gathers_of_all_microgradients(hlo, n)
+
+
+def test_plain_jit_explicit_leaves_sharded_over_different_axes():
+  mesh = jax.make_mesh((4, 2), ("x", "y"))
+  leaves = _fixed_microgradients(D, seed=8)
+  grads = _tree([jax.device_put(leaves[0], NamedSharding(mesh, P("x"))),
+                 jax.device_put(leaves[1], NamedSharding(mesh, P("y")))])
+  agg = optax_gaf.gaf(0.5)
+  with pytest.raises(ValueError, match="different mesh axes"):
+    jax.jit(agg.update)(grads, agg.init(None))
