@@ -18,6 +18,9 @@ from optax_gaf._rules import AdaptiveTau
 from optax_gaf._rules import RuleOutput
 from optax_gaf._sign import AndMaskState
 from optax_gaf._sign import and_mask
+from optax_gaf._streaming import FilteredGradients
+from optax_gaf._streaming import gaf_accumulator
+from optax_gaf._streaming import streaming_grads
 
 __version__ = "0.1.0"
 
@@ -25,13 +28,16 @@ __all__ = (
     "AdaConsState",
     "AdaptiveTau",
     "AndMaskState",
+    "FilteredGradients",
     "GAFState",
     "RuleOutput",
     "adacons",
     "and_mask",
     "gaf",
+    "gaf_accumulator",
     "make_placement",
     "microbatch_grads",
     "split_microbatches",
     "stats",
+    "streaming_grads",
 )

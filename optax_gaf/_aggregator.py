@@ -14,6 +14,7 @@ from optax.experimental import aggregating
 from optax_gaf import _collectives
 from optax_gaf import _rules
 from optax_gaf import _statistics
+from optax_gaf import _streaming
 
 
 class GAFState(NamedTuple):
@@ -302,6 +303,11 @@ def gaf(
     )
 
   def update_fn(grads, state, params=None):
+    if isinstance(grads, _streaming.FilteredGradients):
+      # Filtered already, one microgradient at a time (streaming_grads).
+      _check_filtered(grads)
+      return grads.updates, _record(
+          state, grads, grads.tau, _streaming.gradient_diversity(grads))
     n_local = check_microgradients(grads, params)
     n = placement.num_microgradients(n_local)
     if n < 2:
@@ -320,16 +326,38 @@ def gaf(
       tau_t = _rules.adaptive_threshold(
           state.tau_history, tau_t, adaptive_tau.k, adaptive_tau.min_count)
 
+    if _streaming.takes_fast_path(placement, leaves, rule, per_leaf):
+      # No Gram matrix: N dot products with the running aggregate.
+      out = _streaming.filter_microgradients(grads, tau_t, rule)
+      return out.updates, _record(
+          state, out, tau_t, _streaming.gradient_diversity(out))
+
     # per_leaf: [L, N, N] Gram matrices, [L, N] usable/weights/decisions.
     gram = placement.gram(leaves, per_leaf=per_leaf)
     usable = _statistics.usable_from_gram(gram)
     gram = _statistics.sanitize_gram(gram, usable)
     out = rule_fn(gram, usable, tau_t)
     updates = treedef.unflatten(placement.combine(leaves, out.weights, usable))
+    return updates, _record(
+        state, out, tau_t, _statistics.gradient_diversity(gram))
 
+  def _check_filtered(filtered):
+    n = filtered.accepted.shape[-1]
+    if per_leaf or axis_name is not None:
+      raise ValueError(
+          "FilteredGradients (streaming GAF) work with gaf()'s default"
+          " granularity='global' on one device (axis_name=None).")
+    if num_microbatches is not None and n != num_microbatches:
+      raise ValueError(
+          f"gaf(num_microbatches={num_microbatches}) got FilteredGradients of"
+          f" {n} microgradients."
+      )
+
+  def _record(state, out, tau_t, diversity):
+    """The new state from a step's decisions (any path)."""
     ready = jnp.any(out.ready)
     num_accepted = jnp.sum(out.accepted, dtype=jnp.int32)
-    new_state = GAFState(
+    return GAFState(
         count=optax.safe_increment(state.count),
         ready=ready,
         tau=tau_t,
@@ -339,14 +367,13 @@ def gaf(
         cosine_distance=out.cosine_distance if n_state
         else state.cosine_distance,
         skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
-        gradient_diversity=_statistics.gradient_diversity(gram),
+        gradient_diversity=diversity,
         leaf_acceptance_rate=jnp.mean(out.accepted, axis=-1, dtype=jnp.float32)
         if per_leaf else state.leaf_acceptance_rate,
         tau_history=_rules.record_distances(
             state.tau_history, out.cosine_distance)
         if adaptive_tau is not None else state.tau_history,
     )
-    return updates, new_state
 
   return aggregating.Aggregator(init_fn, update_fn)
 

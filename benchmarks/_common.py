@@ -1,0 +1,74 @@
+"""Shared by the benchmarks: a small CNN on 32x32x3 inputs, and timing."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cnn_init(key, num_classes=10):
+  """conv3x3(16) - pool - conv3x3(32) - pool - dense: 25.6k parameters."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  he = lambda k, shape, fan_in: jax.random.normal(k, shape) * (2 / fan_in) ** .5
+  return {
+      "conv1": {"w": he(k1, (3, 3, 3, 16), 27), "b": jnp.zeros(16)},
+      "conv2": {"w": he(k2, (3, 3, 16, 32), 144), "b": jnp.zeros(32)},
+      "dense": {"w": he(k3, (8 * 8 * 32, num_classes), 2048),
+                "b": jnp.zeros(num_classes)},
+  }
+
+
+def _conv(x, layer):
+  y = jax.lax.conv_general_dilated(
+      x, layer["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.nn.relu(y + layer["b"])
+  n, h, w, c = y.shape
+  return y.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def cnn_apply(params, x):
+  x = _conv(_conv(x, params["conv1"]), params["conv2"])
+  return x.reshape(x.shape[0], -1) @ params["dense"]["w"] + params["dense"]["b"]
+
+
+def xent(params, batch, apply_fn=cnn_apply):
+  logits = apply_fn(params, batch["x"])
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+
+
+def image_batch(key, size, num_classes=10):
+  kx, ky = jax.random.split(key)
+  return {"x": jax.random.normal(kx, (size, 32, 32, 3)),
+          "y": jax.random.randint(ky, (size,), 0, num_classes)}
+
+
+def num_params(params):
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def interleaved(fns, rounds, min_time=0.05):
+  """Times zero-argument callables round-robin; returns per-call seconds.
+
+  Each round calls every function (in a rotating order) enough times to last
+  about ``min_time``; the result is the per-call median over rounds, so slow
+  drifts of the machine hit all variants alike.
+  """
+  reps = {}
+  for name, fn in fns.items():  # warm up and size the repetitions
+    jax.block_until_ready(fn())
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    reps[name] = max(1, int(min_time / max(time.perf_counter() - t, 1e-6)))
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn = fns[name]
+      t = time.perf_counter()
+      for _ in range(reps[name]):
+        out = fn()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t) / reps[name])
+  return {name: np.asarray(v) for name, v in times.items()}
