@@ -35,8 +35,8 @@ RUNNING_RULES = {"sequential": 1.0, "pairwise": 0.5}
 
 _PRECISION = jax.lax.Precision.HIGHEST
 
-# Microgradients per block on the vmap path. Up to 16 one Gram matrix is
-# cheapest; beyond, blocks of 16 (measured with benchmarks/block_size.py).
+# Microgradients per block on the vmap path: up to 16 one Gram matrix is
+# cheapest, beyond it blocks of 16 (measured with benchmarks/block_size.py).
 BLOCK_SIZE = 16
 
 
@@ -215,11 +215,15 @@ def _finish(carry: _Carry, tau, shrink: float, dtypes) -> tuple[list,
 
 
 def takes_fast_path(placement, leaves, rule: str, per_leaf: bool) -> bool:
-  """Whether ``gaf()`` may skip the Gram matrix: one device, global decisions.
+  """Whether ``gaf()`` should skip the Gram matrix.
 
-  The multi-device placements and the other rules keep the Gram route.
+  Only on one device, for global decisions by a running-aggregate rule, and
+  for ``N > BLOCK_SIZE``: up to that, one Gram matrix is the one-block case
+  and the Gram route gives bitwise the same numbers as ``per_leaf`` and the
+  multi-device placements.
   """
   return (rule in RUNNING_RULES and not per_leaf
+          and leaves[0].shape[0] > BLOCK_SIZE
           and getattr(placement, "axis_name", None) is None
           and isinstance(placement.resolve(leaves),
                          _statistics.LocalPlacement))

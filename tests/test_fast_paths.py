@@ -82,6 +82,8 @@ def test_gaf_takes_fast_route_with_same_state(rule):
   leaves = [jnp.asarray(flat[:, :3], jnp.float32),
             jnp.asarray(flat[:, 3:].reshape(40, 2, 2), jnp.float32)]
   tau = 0.6
+  assert _streaming.takes_fast_path(optax_gaf.make_placement(), leaves, rule,
+                                    per_leaf=False)
   tx = optax_gaf.gaf(tau, rule=rule, num_microbatches=40)
   updates, state = jax.jit(tx.update)(leaves, tx.init(None))
   ref_out, ref_updates, ref_trace, ref_total = gram_route(
