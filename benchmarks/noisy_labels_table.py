@@ -171,7 +171,8 @@ def run(args) -> dict:
   base = args.example
   data = datasets.load_digits()
   seeds = list(range(args.seeds))
-  gaf_methods = [m for m in args.methods if m != "average"]
+  # The tau sweep only for methods that use tau.
+  gaf_methods = [m for m in args.methods if m.startswith("gaf")]
   total = args.steps * args.seeds * (
       len(args.methods) * len(args.noise)
       + len(gaf_methods) * len(args.taus)
