@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.error("--seeds must be >= 1")
   # Everything else: the example's defaults, so the two agree.
   args.example = noisy_labels.parse_args([])
-  args.steps = args.steps or 8000
+  noisy_labels.resolve_defaults(args.example, datasets.load_digits())
+  args.steps = args.steps or args.example.steps
   return args
 
 
@@ -82,7 +83,7 @@ def _compiled(method: str, tau: float, base, data, cache: dict):
   if (method, tau) in cache:
     return cache[method, tau]
   model_fn = lambda seed: models.make_model(
-      base.model or "mlp", data.train_x.shape[1:], data.num_classes, seed)
+      base.model, data.train_x.shape[1:], data.num_classes, seed)
   tx = training.make_tx(
       method, tau=tau, num_microbatches=base.num_microbatches,
       inner=training.make_inner(base.optimizer, base.lr))

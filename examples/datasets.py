@@ -87,23 +87,24 @@ def symmetric_label_noise(
 ) -> Dataset:
   """Relabels exactly ``round(rate * n_train)`` training examples.
 
-  Each chosen example gets a label drawn uniformly from the *other* classes,
-  so the corrupted set is exactly the chosen set. ``rate=1 - 1/C`` makes the
-  labels carry no information about the images (a uniform random labelling has
-  this rate in expectation).
+  Each chosen example gets a label drawn uniformly from the classes other
+  than its current one. On clean labels the corrupted set is exactly the
+  chosen set, and ``rate=1 - 1/C`` makes the labels carry no information
+  about the images. On labels that are already noisy (CIFAR-N) the noise is
+  added on top; ``rate=0`` leaves them as they are.
 
   Args:
     dataset: the data; only its training labels change.
-    rate: the fraction of training labels to corrupt, in ``[0, 1]``.
+    rate: the fraction of training labels to relabel, in ``[0, 1]``.
     seed: seed of the choice and the new labels.
 
   Returns:
-    The dataset with noisy ``train_y`` and unchanged ``train_clean_y``.
+    The dataset with new ``train_y`` and unchanged ``train_clean_y``.
   """
   if not 0.0 <= rate <= 1.0:
     raise ValueError(f"label noise rate must lie in [0, 1]; got {rate}.")
   rng = np.random.default_rng(seed)
-  y = dataset.train_clean_y
+  y = dataset.train_y
   n, c = len(y), dataset.num_classes
   chosen = rng.permutation(n)[: int(round(rate * n))]
   noisy = y.copy()

@@ -69,8 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  choices=["sequential", "pairwise"], help="GAF rule")
   p.add_argument("--tau", type=float, default=0.8)
   p.add_argument("--num-microbatches", type=int, default=2)
-  p.add_argument("--per-class", type=int, default=5,
-                 help="examples of every class in each microbatch")
+  p.add_argument("--per-class", type=int, default=None,
+                 help="examples of every class in each microbatch (default 5"
+                 " for digits; for CIFAR, microbatches of 100 as in the"
+                 " authors' code: 1 per class on CIFAR-100, 10 on CIFAR-10)")
   p.add_argument("--model", default=None, choices=sorted(models.MODELS),
                  help="default: mlp for digits, resnet18 for CIFAR")
   p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
@@ -88,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.num_microbatches < 2:
     p.error("--num-microbatches must be >= 2: GAF compares microgradients.")
-  if args.per_class < 1:
+  if args.per_class is not None and args.per_class < 1:
     p.error("--per-class must be >= 1.")
   if args.eval_every < 1:
     p.error("--eval-every must be >= 1.")
@@ -106,6 +108,20 @@ def load_data(args) -> datasets.Dataset:
     noise = 0.0 if args.dataset.endswith("_n") else 0.4
   args.label_noise = noise
   return datasets.symmetric_label_noise(data, noise, seed=args.seed)
+
+
+def resolve_defaults(args, data: datasets.Dataset) -> None:
+  """Fills the options whose defaults depend on the dataset."""
+  args.model = args.model or ("mlp" if args.dataset == "digits"
+                              else "resnet18")
+  if args.per_class is None:
+    args.per_class = 5 if args.dataset == "digits" else 100 // data.num_classes
+  step_size = args.num_microbatches * args.per_class * data.num_classes
+  if args.epochs is not None:
+    args.steps = max(1, int(round(args.epochs * len(data.train_y)
+                                  / step_size)))
+  elif args.steps is None:
+    args.steps = 8000
 
 
 def train_one(method: str, data: datasets.Dataset, idx: np.ndarray, args,
@@ -206,15 +222,8 @@ def main(argv=None) -> list[dict[str, float]]:
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   args = parse_args(argv)
-  args.model = args.model or ("mlp" if args.dataset == "digits"
-                              else "resnet18")
   data = load_data(args)
-  step_size = args.num_microbatches * args.per_class * data.num_classes
-  if args.epochs is not None:
-    args.steps = max(1, int(round(args.epochs * len(data.train_y)
-                                  / step_size)))
-  elif args.steps is None:
-    args.steps = 8000
+  resolve_defaults(args, data)
   # One index array for all methods: equal data at every step.
   idx = datasets.class_balanced_microbatches(
       data.train_y, data.num_classes, num_steps=args.steps,
@@ -240,8 +249,9 @@ def main(argv=None) -> list[dict[str, float]]:
 
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "metrics.json"), "w") as f:
-    json.dump({"config": vars(args), "final": rows, "history": histories},
-              f, indent=1)
+    json.dump({"config": vars(args),
+               "corrupted_fraction": float(data.corrupted.mean()),
+               "final": rows, "history": histories}, f, indent=1)
   with open(os.path.join(args.out, "history.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(
         next(iter(histories.values()))[0]))

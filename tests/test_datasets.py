@@ -164,3 +164,13 @@ def test_other_errors_pass_through_when_manual_files_exist(
   monkeypatch.setattr(tfds, "data_source", offline)
   with pytest.raises(ConnectionError):
     datasets.load_tfds("cifar10_n", data_dir=str(tmp_path))
+
+
+def test_symmetric_noise_keeps_human_labels(digits):
+  """On already-noisy labels (CIFAR-N) noise goes on top; rate 0 keeps them."""
+  human = datasets.symmetric_label_noise(digits, 0.3, seed=5)
+  np.testing.assert_array_equal(
+      datasets.symmetric_label_noise(human, 0.0, seed=6).train_y,
+      human.train_y)
+  more = datasets.symmetric_label_noise(human, 0.2, seed=6)
+  assert np.sum(more.train_y != human.train_y) == int(round(0.2 * 1300))

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 import pytest
 
+from examples import datasets
 from examples import models
 from examples import noisy_labels
 from examples import training
@@ -270,8 +271,32 @@ def test_cli_on_mock_cifar10_n(tmp_path):
         "--dataset", "cifar10_n", "--label-key", "aggre_label", "--model",
         "mlp", "--per-class", "1", "--steps", "4", "--eval-every", "2",
         "--method", "gaf", "--out", str(tmp_path)])
+    raw = tfds.data_source("cifar10_n", split="train",
+                           builder_kwargs={"file_format": "array_record"})
+    raw = [raw[i] for i in range(len(raw))]
   metrics = json.loads((tmp_path / "metrics.json").read_text())
   assert metrics["config"]["label_noise"] == 0.0  # the human labels only
+  human_noise = np.mean([r["aggre_label"] != r["label"] for r in raw])
+  assert human_noise > 0
+  assert metrics["corrupted_fraction"] == pytest.approx(human_noise)
   assert metrics["config"]["model"] == "mlp"
   assert [r["method"] for r in rows] == ["gaf-sequential"]
   assert 0.0 <= rows[0]["val_acc"] <= 1.0
+
+
+def test_dataset_dependent_defaults():
+  def fake(num_classes, n=1000):
+    y = np.arange(n) % num_classes
+    x = np.zeros((n, 32, 32, 3), np.uint8)
+    return datasets.Dataset(x, y, y, x[:10], y[:10], num_classes)
+
+  args = noisy_labels.parse_args([])
+  noisy_labels.resolve_defaults(args, fake(10, 1300))
+  assert (args.model, args.per_class, args.steps) == ("mlp", 5, 8000)
+  args = noisy_labels.parse_args(["--dataset", "cifar100", "--epochs", "3"])
+  noisy_labels.resolve_defaults(args, fake(100, 50_000))
+  assert (args.model, args.per_class) == ("resnet18", 1)
+  assert args.steps == 750  # 3 * 50000 / (2 microbatches x 100)
+  args = noisy_labels.parse_args(["--dataset", "cifar10_n"])
+  noisy_labels.resolve_defaults(args, fake(10))
+  assert args.per_class == 10
