@@ -208,19 +208,21 @@ def load_tfds(
     raise ValueError(
         f"{name} has no label feature {label_key!r}; choose one of {choices}.")
   builder_kwargs = {"file_format": "array_record"}  # data_source reads these
+  builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+  if download and not builder.is_prepared():
+    # Before TFDS downloads CIFAR itself (160 MB) only to stop at the
+    # missing manual files.
+    _check_manual_files(builder)
   try:
     splits = tfds.data_source(
         name, split=["train", "test"], data_dir=data_dir, download=download,
         builder_kwargs=builder_kwargs)
-  except Exception as e:  # pylint: disable=broad-except
-    builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
-    _check_manual_files(builder, e)
-    if isinstance(e, ModuleNotFoundError) and "tensorflow" in str(e):
-      raise ModuleNotFoundError(
-          f"Preparing {name} with TFDS needs TensorFlow (only once; reading"
-          ' does not): pip install -e ".[cifar]"') from e
-    raise
-  builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+  except ModuleNotFoundError as e:
+    if "tensorflow" not in str(e):
+      raise
+    raise ModuleNotFoundError(
+        f"Preparing {name} with TFDS needs TensorFlow (only once; reading"
+        ' does not): pip install -e ".[cifar]"') from e
   train, test = (_to_arrays(s, (label_key, clean_key)) for s in splits)
   num_classes = builder.info.features[clean_key].num_classes
   return Dataset(train["image"], train[label_key], train[clean_key],
@@ -232,7 +234,7 @@ def manual_dir(builder) -> str:
   return os.path.join(builder.data_dir_root, "downloads", "manual")
 
 
-def _check_manual_files(builder, cause: Exception | None = None) -> None:
+def _check_manual_files(builder) -> None:
   """Raises ManualDownloadError naming the missing files and TFDS's steps."""
   instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if not instructions:
@@ -248,7 +250,7 @@ def _check_manual_files(builder, cause: Exception | None = None) -> None:
     raise ManualDownloadError(
         f"{builder.name} needs a manual download: {missing or 'files'} not"
         f" found in {folder}. TFDS's instructions:\n{instructions}\nPlace the"
-        f" files in {folder} and run again.") from cause
+        f" files in {folder} and run again.")
 
 
 def _to_arrays(source, label_keys) -> dict[str, np.ndarray]:

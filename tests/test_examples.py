@@ -18,6 +18,7 @@ from examples import models
 from examples import noisy_labels
 from examples import training
 from tests import oracle
+from tests import test_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, C, M = 4, 3, 5  # features, classes, examples per microbatch
@@ -263,9 +264,10 @@ def test_benchmark_rejects_unknown_method():
     noisy_labels_table.parse_args(["--methods", "average,median"])
 
 
-def test_cli_on_mock_cifar10_n(tmp_path):
+def test_cli_on_mock_cifar10_n(tmp_path, monkeypatch):
   """The CIFAR path (uint8 images, augmentation, human labels) end to end."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  test_datasets.place_manual_files(monkeypatch, tmp_path / "manual")
   with tfds.testing.mock_data(num_examples=40):
     rows = noisy_labels.main([
         "--dataset", "cifar10_n", "--label-key", "aggre_label", "--model",
