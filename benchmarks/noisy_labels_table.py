@@ -62,6 +62,8 @@ def parse_args(argv=None):
                  help="skip the pure-random-label run")
   p.add_argument("--steps", type=int, default=None,
                  help="default: the example's")
+  p.add_argument("--num-microbatches", type=int, default=None,
+                 help="N (default: the example's)")
   p.add_argument("--eval-every", type=int, default=1000)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   args = p.parse_args(argv)
@@ -72,7 +74,9 @@ def parse_args(argv=None):
   if args.seeds < 1:
     p.error("--seeds must be >= 1")
   # Everything else: the example's defaults, so the two agree.
-  args.example = noisy_labels.parse_args([])
+  args.example = noisy_labels.parse_args(
+      [] if args.num_microbatches is None
+      else ["--num-microbatches", str(args.num_microbatches)])
   noisy_labels.resolve_defaults(args.example, datasets.load_digits())
   args.steps = args.steps or args.example.steps
   return args
