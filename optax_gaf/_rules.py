@@ -181,9 +181,10 @@ RULES: dict[str, Rule] = {
 class AdaptiveTau(NamedTuple):
   """An adaptive threshold ``tau_t = min(tau, mean + k * std)`` for :func:`gaf`.
 
-  The mean and standard deviation are those of the last ``history`` recorded
-  cosine distances, as in the authors' CIFAR-100N script. They live in the state
-  as a fixed-shape ``[history]`` buffer (``GAFState.tau_history``, NaN where
+  The mean and (population) standard deviation are those of the last
+  ``history`` recorded cosine distances; the idea is credited to the authors'
+  CIFAR-100N script, but the version we could read has a fixed threshold, so
+  the details here are ours. They live in the state as a fixed-shape ``[history]`` buffer (``GAFState.tau_history``, NaN where
   empty). Every step records the rule's ``cosine_distance`` of the usable
   microgradients, except exact zeros (the anchor, and exact copies of it), and
   the threshold of a step uses only earlier steps' distances. Until at least
