@@ -95,14 +95,19 @@ def test_medoid_is_permutation_invariant(n, seed, tau):
   dist = oracle.pairwise_distances(flat)
   assume(not oracle.is_ambiguous(dist, tau))
   counts = ((dist <= tau).sum(axis=1) - 1)
-  assume((counts == counts.max()).sum() == 1)  # decisions are up to ties
   perm = rng.permutation(n)
   out = _medoid(*_gram_inputs(flat), tau)
   out_p = _medoid(*_gram_inputs(flat[perm]), tau)
-  np.testing.assert_array_equal(np.asarray(out.accepted)[perm], out_p.accepted)
-  np.testing.assert_allclose(np.asarray(out.weights)[perm], out_p.weights,
-                             rtol=1e-6)
-  assert bool(out.ready) == bool(out_p.ready)
+  assert bool(out.ready) == bool(out_p.ready) == bool(counts.max() > 0)
+  if (counts == counts.max()).sum() == 1:
+    np.testing.assert_array_equal(np.asarray(out.accepted)[perm],
+                                  out_p.accepted)
+    np.testing.assert_allclose(np.asarray(out.weights)[perm], out_p.weights,
+                               rtol=1e-6)
+  else:
+    # Tied anchors: either order picks one with the most neighbours, so the
+    # number taken is the same even where the members differ.
+    assert int(out.accepted.sum()) == int(out_p.accepted.sum())
 
 
 @settings(max_examples=25, deadline=None)
