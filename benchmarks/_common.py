@@ -1,10 +1,13 @@
 """Shared by the benchmarks: a small CNN on 32x32x3 inputs, and timing."""
 
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from optax.experimental import aggregating
 
 
 def cnn_init(key, num_classes=10):
@@ -72,3 +75,28 @@ def interleaved(fns, rounds, min_time=0.05):
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - t) / reps[name])
   return {name: np.asarray(v) for name, v in times.items()}
+
+
+def train_step(aggregator, grad_fn):
+  """``grad_fn``, then ``aggregator`` in ``aggregating.process`` with SGD.
+
+  Returns ``(tx, step)``; ``step(params, opt_state, batch)`` is not jitted.
+  """
+  tx = aggregating.process(
+      optax.identity(), aggregator, optax.sgd(0.01, momentum=0.9))
+
+  def step(params, opt_state, batch):
+    losses, grads = grad_fn(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, jnp.mean(losses)
+
+  return tx, step
+
+
+def write_result(out_dir, name, text):
+  """Writes ``text`` to ``out_dir/name`` (the file the README quotes)."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name)
+  with open(path, "w") as f:
+    f.write(text)
+  print(f"wrote {path}")

@@ -195,6 +195,14 @@ def gaf(
   postprocessor. In ``optax.chain(gaf(...), opt)`` the zeros still reach
   ``opt``, whose momentum and weight decay move the parameters.
 
+  Speed and memory: on one device, ``"sequential"`` and ``"pairwise"`` with
+  N > 16 skip the Gram matrix and compare each microgradient with a
+  materialized running aggregate, in blocks of 16 (same decisions; distances
+  and update equal to float32 rounding). ``update`` also accepts the
+  :class:`FilteredGradients` of :func:`streaming_grads` or
+  :func:`gaf_accumulator`, which filter one microgradient at a time so the N
+  microgradients never sit in memory together.
+
   Args:
     tau: cosine distance threshold in ``[0, 2]``, or a schedule of the step
       count. ``tau=2`` accepts everything (the plain mean); ``tau=0`` accepts
