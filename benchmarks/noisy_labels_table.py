@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -231,9 +232,8 @@ def markdown(results, args) -> str:
       " microgradients GAF accepted per step; skipped: fraction of"
       " no-agreement steps (the optimizer did not move).",
       "",
-      "Reproduce: `python benchmarks/noisy_labels_table.py"
-      + (f" --methods {','.join(args.methods)}"
-         if args.methods != ["average", "gaf-sequential"] else "")
+      "Reproduce: `"
+      + shlex.join(["python", "benchmarks/noisy_labels_table.py", *args.argv])
       + f"` ({results['seconds'] / 60:.0f} min on 2 CPU cores).",
       "",
       "## Final validation accuracy, memorisation, acceptance vs label noise",
@@ -331,7 +331,9 @@ def to_jsonable(x):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  args.argv = argv  # the Reproduce line repeats the full command
   results = run(args)
   os.makedirs(args.out, exist_ok=True)
   text = markdown(results, args)

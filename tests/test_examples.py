@@ -239,6 +239,8 @@ def test_benchmark_writes_table_plot_and_json(tmp_path):
   assert len(rows) == 4  # 2 noise rates x 2 methods
   assert "Tau sweep at 40% noise" in text
   assert "Pure random labels" in text
+  assert ("Reproduce: `python benchmarks/noisy_labels_table.py --steps 30"
+          " --eval-every 15 --seeds 2 --noise 0.0 0.4 --taus 0.8 --out") in text
   results = json.loads((tmp_path / "noisy_labels.json").read_text())
   for method in ("average", "gaf-sequential"):
     for noise in ("0.0", "0.4"):
