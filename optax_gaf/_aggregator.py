@@ -355,6 +355,13 @@ def gaf(
       raise ValueError(
           "FilteredGradients (streaming GAF) work with gaf()'s default"
           " granularity='global' on one device (axis_name=None).")
+    if rule not in _streaming.RUNNING_RULES or adaptive_tau is not None:
+      # The decisions were made upstream; these settings would be ignored.
+      raise ValueError(
+          "FilteredGradients were already filtered by streaming_grads or"
+          " gaf_accumulator, with their own tau and rule; gaf(rule="
+          f"{rule!r}, adaptive_tau={adaptive_tau!r}) cannot apply here. Use"
+          f" rule in {sorted(_streaming.RUNNING_RULES)} and no adaptive_tau.")
     if num_microbatches is not None and n != num_microbatches:
       raise ValueError(
           f"gaf(num_microbatches={num_microbatches}) got FilteredGradients of"

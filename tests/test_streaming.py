@@ -163,3 +163,7 @@ def test_bad_arguments():
   tx = optax_gaf.gaf(0.9, num_microbatches=N + 1)
   with pytest.raises(ValueError, match="FilteredGradients of 6"):
     tx.update(filtered, tx.init(params))
+  for tx in (optax_gaf.gaf(0.9, rule="medoid"),
+             optax_gaf.gaf(0.9, adaptive_tau=optax_gaf.AdaptiveTau())):
+    with pytest.raises(ValueError, match="already filtered"):
+      tx.update(filtered, tx.init(params))
