@@ -87,6 +87,17 @@ def weighted_sum(
 
 
 def _leaf_weighted_sum(x, w, ok):
+  return masked_tensordot(w, x, ok).astype(x.dtype)
+
+
+def masked_tensordot(w: jax.Array, x: jax.Array, ok: jax.Array) -> jax.Array:
+  """``w @ x`` over the microbatch axis in float32, zeroing unusable ``x_i``.
+
+  Args:
+    w: ``[N]`` weights, or ``[R, N]`` for R weighted sums at once.
+    x: ``[N, ...]`` microgradients of one leaf.
+    ok: ``[N]`` bool, the usable ones.
+  """
   def dense(x):
     return jnp.tensordot(w, x, axes=1, precision=_PRECISION,
                          preferred_element_type=jnp.float32)
@@ -95,9 +106,9 @@ def _leaf_weighted_sum(x, w, ok):
     mask = ok.reshape((-1,) + (1,) * (x.ndim - 1))
     return dense(jnp.where(mask, x, jnp.zeros((), x.dtype)))
 
-  # The masked path costs one more pass over x: take it only when needed.
-  y = jax.lax.cond(jnp.all(ok), dense, masked, x)
-  return y.astype(x.dtype)
+  # 0 * nan is nan, so mask; the masked path costs one more pass over x, so
+  # take it only on the rare step that needs it.
+  return jax.lax.cond(jnp.all(ok), dense, masked, x)
 
 
 class LocalPlacement(NamedTuple):

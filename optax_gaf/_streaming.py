@@ -110,20 +110,6 @@ def _dot_with(x: jax.Array, y: jax.Array) -> jax.Array:
       precision=_PRECISION, preferred_element_type=jnp.float32)
 
 
-def _fold(x: jax.Array, rows: jax.Array, ok: jax.Array) -> jax.Array:
-  """``rows @ x`` in float32 (``rows [R, B]``), zeroing unusable ``x_i``."""
-  def dense(x):
-    return jnp.tensordot(rows, x, axes=1, precision=_PRECISION,
-                         preferred_element_type=jnp.float32)
-
-  def masked(x):
-    mask = ok.reshape((-1,) + (1,) * (x.ndim - 1))
-    return dense(jnp.where(mask, x, jnp.zeros((), x.dtype)))
-
-  # 0 * nan is nan: mask, but only on the rare step that needs it.
-  return jax.lax.cond(jnp.all(ok), dense, masked, x)
-
-
 def _absorb(carry: _Carry, block: Sequence[jax.Array], offset, tau,
             shrink: float) -> _Carry:
   """Compares microgradients ``block`` (leaves ``[B, ...]``) in order.
@@ -167,7 +153,7 @@ def _absorb(carry: _Carry, block: Sequence[jax.Array], offset, tau,
       step, init, (jnp.arange(b), gram, cross, sq_norms, ok))
 
   rows = jnp.stack([w, ok.astype(jnp.float32)])
-  folded = [_fold(x, rows, ok) for x in block]
+  folded = [_statistics.masked_tensordot(rows, x, ok) for x in block]
   if carry.aggregate is None:
     aggregate = [f[0] for f in folded]
     total = [f[1] for f in folded]
