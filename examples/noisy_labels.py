@@ -137,7 +137,11 @@ def train_one(method: str, data: datasets.Dataset, idx: np.ndarray, args,
   trainer, state = training.build(
       model, tx, num_microbatches=args.num_microbatches, train_x=train_x,
       augment=augment)
-  run_chunk = jax.jit(trainer.run_chunk)
+  if training.use_stepwise(args.model):
+    step = jax.jit(trainer.step)
+    run_chunk = lambda *a: training.run_stepwise(step, *a)
+  else:
+    run_chunk = jax.jit(trainer.run_chunk)
   accuracy = jax.jit(trainer.accuracy)
   labels = jnp.asarray(data.train_y)
   val_x, val_y = jnp.asarray(data.val_x), jnp.asarray(data.val_y)

@@ -11,6 +11,10 @@ The loop keeps GAF's semantics visible:
   ``inner`` entirely (no momentum, no weight decay: a true skip);
 * the step is pure, so a chunk of steps runs as one jitted ``jax.lax.scan``
   over ``nnx.split`` state, and the benchmark ``vmap``\\ s that over seeds.
+  XLA:CPU runs convolutions inside a loop body through a slow generic path
+  (jax-ml/jax#12868: a ResNet-18 step took minutes instead of seconds), so
+  conv nets on CPU use :func:`run_stepwise` instead: one jitted step per
+  call, the same keys and results.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class Trainer(NamedTuple):
   eval_graphdef: Any
   run_chunk: Callable[..., Any]
   accuracy: Callable[..., Any]
+  step: Callable[..., Any]
 
 
 def build(model: nnx.Module, tx, *, num_microbatches: int, train_x,
@@ -134,6 +139,8 @@ def build(model: nnx.Module, tx, *, num_microbatches: int, train_x,
   Returns:
     ``(trainer, state)``. ``trainer.run_chunk(state, idx [S, N, m], labels,
     key) -> (state, StepMetrics [S])`` runs S steps in one ``lax.scan``;
+    ``trainer.step(state, (idx [N, m], step_key), labels)`` is one step of
+    it, without a loop (see :func:`run_stepwise`);
     ``trainer.accuracy(state, x, y, weights) -> float`` evaluates in eval mode.
   """
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -142,22 +149,23 @@ def build(model: nnx.Module, tx, *, num_microbatches: int, train_x,
   eval_graphdef, _ = nnx.split((model, optimizer))
   model.train()
 
-  def run_chunk(state, idx, labels, key):
-    def body(state, inputs):
-      step_idx, step_key = inputs
-      flat = step_idx.reshape(-1)
-      x = train_x[flat]
-      if x.dtype == jnp.uint8:
-        x = x.astype(jnp.float32) / 255.0
-      if augment is not None:
-        x = augment(step_key, x)
-      model, optimizer = nnx.merge(graphdef, state)
-      metrics = train_step(model, optimizer, {"x": x, "y": labels[flat]},
-                           num_microbatches)
-      return nnx.state((model, optimizer)), metrics
+  def step(state, inputs, labels):
+    step_idx, step_key = inputs
+    flat = step_idx.reshape(-1)
+    x = train_x[flat]
+    if x.dtype == jnp.uint8:
+      x = x.astype(jnp.float32) / 255.0
+    if augment is not None:
+      x = augment(step_key, x)
+    model, optimizer = nnx.merge(graphdef, state)
+    metrics = train_step(model, optimizer, {"x": x, "y": labels[flat]},
+                         num_microbatches)
+    return nnx.state((model, optimizer)), metrics
 
+  def run_chunk(state, idx, labels, key):
     keys = jax.random.split(key, idx.shape[0])
-    return jax.lax.scan(body, state, (idx, keys))
+    return jax.lax.scan(lambda s, inputs: step(s, inputs, labels), state,
+                        (idx, keys))
 
   def accuracy(state, x, y, weights, batch_size: int = 1000):
     """Weighted accuracy of argmax predictions, in batches."""
@@ -172,7 +180,27 @@ def build(model: nnx.Module, tx, *, num_microbatches: int, train_x,
     correct = jnp.concatenate(correct).astype(jnp.float32)
     return jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
-  return Trainer(graphdef, eval_graphdef, run_chunk, accuracy), state
+  return Trainer(graphdef, eval_graphdef, run_chunk, accuracy, step), state
+
+
+def run_stepwise(step: Callable[..., Any], state, idx, labels, key):
+  """``run_chunk`` as a Python loop over a jitted ``trainer.step``.
+
+  Same keys, same steps, same ``(state, StepMetrics [S])``; no XLA loop, so
+  convolutions keep XLA:CPU's fast path (jax-ml/jax#12868).
+  """
+  keys = jax.random.split(key, idx.shape[0])
+  metrics = []
+  for i in range(idx.shape[0]):
+    state, m = step(state, (idx[i], keys[i]), labels)
+    metrics.append(m)
+  return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
+
+
+def use_stepwise(model_name: str, backend: str | None = None) -> bool:
+  """Whether to train ``model_name`` with :func:`run_stepwise`: conv nets on CPU."""
+  backend = backend or jax.default_backend()
+  return backend == "cpu" and model_name != "mlp"
 
 
 def chunks(num_steps: int, eval_every: int) -> list[tuple[int, int]]:

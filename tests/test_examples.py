@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+import optax_gaf
 import pytest
 
 from examples import datasets
@@ -304,3 +305,72 @@ def test_dataset_dependent_defaults():
   args = noisy_labels.parse_args(["--dataset", "cifar10_n"])
   noisy_labels.resolve_defaults(args, fake(10))
   assert args.per_class == 10
+
+
+def test_resnet18_gaf_step():
+  """One GAF step of the CIFAR path (ResNet-18, uint8 images, flip-crop),
+  narrow and 8x8, through ``run_stepwise`` as the CLI runs conv nets on CPU."""
+  n, m, classes = 2, 4, 10
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, (n * m, 8, 8, 3)), jnp.uint8)
+  y = jnp.asarray(rng.integers(0, classes, n * m), jnp.int32)
+  idx = jnp.arange(n * m, dtype=jnp.int32).reshape(1, n, m)
+  model = models.ResNet18(3, classes, width=4, rngs=nnx.Rngs(0))
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  # tau=2 accepts every microgradient: a real step that moves every layer.
+  tx = training.make_tx("gaf-sequential", tau=2.0, num_microbatches=n,
+                        inner=training.make_inner("sgd", 0.1))
+  trainer, state = training.build(model, tx, num_microbatches=n, train_x=x,
+                                  augment=training.flip_crop)
+  state, metrics = training.run_stepwise(
+      jax.jit(trainer.step), state, idx, y, jax.random.key(3))
+  assert metrics.loss.shape == (1,) and np.isfinite(metrics.loss).all()
+  assert bool(metrics.ready[0]) and float(metrics.acceptance_rate[0]) == 1.0
+  model, opt = nnx.merge(trainer.graphdef, state)
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))),
+                       before, nnx.state(model, nnx.Param))
+  assert all(jax.tree.leaves(moved))
+  stats = optax_gaf.stats(nnx.as_pure(opt.opt_state))
+  assert stats["accepted"].shape == stats["cosine_distance"].shape == (n,)
+  assert bool(np.all(stats["accepted"]))
+  # BatchNorm running statistics were updated from the batch.
+  assert np.any(np.asarray(model.stem_bn.mean[...]) != 0.0)
+
+
+class _FlatLinear(nnx.Linear):
+
+  def __call__(self, x):
+    return super().__call__(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("augment", [None, training.flip_crop])
+def test_run_stepwise_matches_run_chunk(augment):
+  """The CPU conv-net loop gives the scan's states, metrics and keys."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(6 * M, 5, 5, 1)).astype(np.float32)
+  y = rng.integers(0, C, size=6 * M).astype(np.int32)
+  idx = jnp.asarray(rng.permutation(6 * M).reshape(3, 2, M).astype(np.int32))
+  out = []
+  for stepwise in (False, True):
+    tx = training.make_tx("gaf-sequential", tau=0.9, num_microbatches=2,
+                          inner=training.make_inner("sgd", 0.5))
+    trainer, state = training.build(
+        _FlatLinear(25, C, rngs=nnx.Rngs(0)), tx, num_microbatches=2, train_x=jnp.asarray(x),
+        augment=augment)
+    args = (state, idx, jnp.asarray(y), jax.random.key(7))
+    if stepwise:
+      out.append(training.run_stepwise(jax.jit(trainer.step), *args))
+    else:
+      out.append(jax.jit(trainer.run_chunk)(*args))
+  (s1, m1), (s2, m2) = out
+  assert m1.loss.shape == m2.loss.shape == (3,)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               (s1, m1), (s2, m2))
+
+
+def test_use_stepwise_only_for_conv_nets_on_cpu():
+  assert training.use_stepwise("resnet18", "cpu")
+  assert training.use_stepwise("cnn", "cpu")
+  assert not training.use_stepwise("mlp", "cpu")
+  assert not training.use_stepwise("resnet18", "gpu")
