@@ -374,3 +374,19 @@ def test_use_stepwise_only_for_conv_nets_on_cpu():
   assert training.use_stepwise("cnn", "cpu")
   assert not training.use_stepwise("mlp", "cpu")
   assert not training.use_stepwise("resnet18", "gpu")
+
+
+def test_evaluate_in_chunks_matches_one_call():
+  rng = np.random.default_rng(2)
+  pred = jnp.asarray(rng.integers(0, 3, 23))
+  y = jnp.asarray(rng.integers(0, 3, 23))
+  w = jnp.asarray(rng.integers(0, 2, 23), jnp.float32)
+  accuracy = lambda state, x, y, w: (jnp.sum((x == y) * w)
+                                     / jnp.maximum(jnp.sum(w), 1.0))
+  expected = float(np.sum((np.asarray(pred) == np.asarray(y)) * np.asarray(w))
+                   / max(float(np.sum(w)), 1.0))
+  for chunk in (5, 7, 23, 100):
+    got = noisy_labels._evaluate(accuracy, None, pred, y, w, chunk=chunk)
+    assert got == pytest.approx(expected, abs=1e-6), chunk
+  zeros = jnp.zeros(23)
+  assert noisy_labels._evaluate(accuracy, None, pred, y, zeros, chunk=5) == 0.0
