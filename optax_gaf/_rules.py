@@ -45,40 +45,68 @@ def cosine_distance(dot, sq_norm_a, sq_norm_b):
   return 1.0 - jnp.clip(cos, -1.0, 1.0)
 
 
-def _running_aggregate(gram, usable, tau, shrink):
-  """Streams the microgradients in order against a running aggregate.
+def stream_decisions(gram, usable, tau, shrink, cross=None,
+                     sq_norm=0.0, has_anchor=False):
+  """Streams microgradients in order against a running aggregate.
 
-  The aggregate is kept as a weight vector ``a`` over microgradients, so
-  ``<g_i, A> = G[i] @ a`` and ``||A||^2`` is updated incrementally. On
-  acceptance ``a <- shrink * (a + e_i)``: ``shrink=1`` is the running sum (its
-  direction is the running mean's), ``shrink=1/2`` is the pairwise average.
+  The aggregate is ``A = alpha * C + sum_j w_j g_j``, where ``C`` is an
+  aggregate carried in from earlier microgradients (none by default), so
+  ``<g_j, A> = alpha * <g_j, C> + G[j] @ w`` and ``||A||^2`` is updated
+  incrementally. On acceptance ``A <- shrink * (A + g_j)``: ``shrink=1`` is
+  the running sum (its direction is the running mean's), ``shrink=1/2`` the
+  pairwise average. The Gram route is one call with nothing carried in; the
+  fast path calls it once per block.
+
+  Args:
+    gram: ``[B, B]`` sanitized Gram matrix of these microgradients.
+    usable: ``[B]`` bool.
+    tau: the threshold.
+    shrink: 1 or 1/2, as above.
+    cross: ``[B]`` float32 ``<g_j, C>`` (zero for unusable ones), or None.
+    sq_norm: ``||C||^2``.
+    has_anchor: whether ``C`` holds an anchor already.
+
+  Returns:
+    ``(alpha, w, sq_norm, has_anchor, taken, agreed, cosine_distance)``:
+    the aggregate's coefficients and state after the stream, and per
+    microgradient whether it was taken (anchor or agreed), agreed, and its
+    distance (0 for the anchor, NaN when unusable).
   """
   n = gram.shape[-1]
-  diag = jnp.diagonal(gram)
+  if cross is None:
+    cross = jnp.zeros([n], jnp.float32)
 
   def step(carry, xs):
-    a, sq_norm, has_anchor = carry
-    i, row, sq_norm_i, ok = xs
-    dot = jnp.dot(row, a, precision=jax.lax.Precision.HIGHEST)
-    dist = cosine_distance(dot, sq_norm_i, sq_norm)
-    is_anchor = ok & ~has_anchor
-    agrees = ok & has_anchor & (dist <= tau)
-    e_i = jax.nn.one_hot(i, n, dtype=jnp.float32)
-    a = jnp.where(is_anchor, e_i, jnp.where(agrees, shrink * (a + e_i), a))
-    sq_norm = jnp.where(
-        is_anchor, sq_norm_i,
-        jnp.where(agrees, shrink**2 * (sq_norm + 2 * dot + sq_norm_i), sq_norm))
+    alpha, w, sq, has = carry
+    j, row, cross_j, sq_j, ok = xs
+    dot = alpha * cross_j + jnp.dot(row, w,
+                                    precision=jax.lax.Precision.HIGHEST)
+    dist = cosine_distance(dot, sq_j, sq)
+    is_anchor = ok & ~has
+    agrees = ok & has & (dist <= tau)
+    e_j = jax.nn.one_hot(j, n, dtype=jnp.float32)
+    alpha = jnp.where(agrees, shrink * alpha, alpha)
+    w = jnp.where(is_anchor, e_j, jnp.where(agrees, shrink * (w + e_j), w))
+    sq = jnp.where(
+        is_anchor, sq_j,
+        jnp.where(agrees, shrink**2 * (sq + 2 * dot + sq_j), sq))
     dist = jnp.where(is_anchor, 0.0, jnp.where(ok, dist, jnp.nan))
-    return (a, sq_norm, has_anchor | ok), (is_anchor | agrees, agrees, dist)
+    return (alpha, w, sq, has | ok), (is_anchor | agrees, agrees, dist)
 
-  init = (jnp.zeros([n], jnp.float32), jnp.zeros([], jnp.float32),
-          jnp.zeros([], bool))
-  xs = (jnp.arange(n), gram, diag, usable)
-  (a, _, _), (taken, agreed, dist) = jax.lax.scan(step, init, xs)
+  init = (jnp.ones([], jnp.float32), jnp.zeros([n], jnp.float32),
+          jnp.asarray(sq_norm, jnp.float32), jnp.asarray(has_anchor, bool))
+  xs = (jnp.arange(n), gram, cross, jnp.diagonal(gram), usable)
+  (alpha, w, sq, has), (taken, agreed, dist) = jax.lax.scan(step, init, xs)
+  return alpha, w, sq, has, taken, agreed, dist.astype(jnp.float32)
+
+
+def _running_aggregate(gram, usable, tau, shrink):
+  """The whole stream from the Gram matrix: ``(a, ready, accepted, dist)``."""
+  _, a, _, _, taken, agreed, dist = stream_decisions(gram, usable, tau, shrink)
   ready = jnp.any(agreed)
   # On a no-agreement step only the anchor stays marked.
   accepted = jnp.where(ready, taken, taken & ~agreed)
-  return a, ready, accepted, dist.astype(jnp.float32)
+  return a, ready, accepted, dist
 
 
 def sequential(gram, usable, tau) -> RuleOutput:

@@ -120,37 +120,17 @@ def _absorb(carry: _Carry, block: Sequence[jax.Array], offset, tau,
   Gram matrix and ``B`` dot products with the carried aggregate, then one pass
   to fold the block in.
   """
-  b = block[0].shape[0]
   gram = _statistics.gram(block)
   ok = _statistics.usable_from_gram(gram)
   gram = _statistics.sanitize_gram(gram, ok)
   sq_norms = jnp.diagonal(gram)
   if carry.aggregate is None:  # nothing carried in yet
-    cross = jnp.zeros([b], jnp.float32)
+    cross = None
   else:
     cross = sum(_dot_with(x, a) for x, a in zip(block, carry.aggregate))
     cross = jnp.where(ok, cross, 0.0)
-
-  def step(inner, xs):
-    alpha, w, sq, has = inner
-    j, row, cross_j, sq_j, ok_j = xs
-    dot = alpha * cross_j + jnp.sum(row * w)
-    d = _rules.cosine_distance(dot, sq_j, sq)
-    is_anchor = ok_j & ~has
-    agrees = ok_j & has & (d <= tau)
-    e_j = jax.nn.one_hot(j, b, dtype=jnp.float32)
-    alpha = jnp.where(agrees, shrink * alpha, alpha)
-    w = jnp.where(is_anchor, e_j, jnp.where(agrees, shrink * (w + e_j), w))
-    sq = jnp.where(
-        is_anchor, sq_j,
-        jnp.where(agrees, shrink**2 * (sq + 2 * dot + sq_j), sq))
-    d = jnp.where(is_anchor, 0.0, jnp.where(ok_j, d, jnp.nan))
-    return (alpha, w, sq, has | ok_j), (is_anchor | agrees, agrees, d)
-
-  init = (jnp.ones([], jnp.float32), jnp.zeros([b], jnp.float32),
-          carry.agg_sq_norm, carry.has_anchor)
-  (alpha, w, sq, has), (taken, agreed, dist) = jax.lax.scan(
-      step, init, (jnp.arange(b), gram, cross, sq_norms, ok))
+  alpha, w, sq, has, taken, agreed, dist = _rules.stream_decisions(
+      gram, ok, tau, shrink, cross, carry.agg_sq_norm, carry.has_anchor)
 
   rows = jnp.stack([w, ok.astype(jnp.float32)])
   folded = [_statistics.masked_tensordot(rows, x, ok) for x in block]
