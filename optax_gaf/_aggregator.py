@@ -133,9 +133,9 @@ def gram_stage(grads, params, placement, per_leaf=False):
   n_local = check_microgradients(grads, params)
   n = placement.num_microgradients(n_local)
   leaves, treedef = jax.tree.flatten(grads)
-  gram = placement.gram(leaves, per_leaf=per_leaf)
-  usable = _statistics.usable_from_gram(gram)
-  return leaves, treedef, n, _statistics.sanitize_gram(gram, usable), usable
+  gram, usable = _statistics.sanitized(
+      placement.gram(leaves, per_leaf=per_leaf))
+  return leaves, treedef, n, gram, usable
 
 
 def _check_adaptive_tau(adaptive_tau) -> int:
@@ -341,9 +341,8 @@ def gaf(
           state, out, tau_t, _streaming.gradient_diversity(out))
 
     # per_leaf: [L, N, N] Gram matrices, [L, N] usable/weights/decisions.
-    gram = placement.gram(leaves, per_leaf=per_leaf)
-    usable = _statistics.usable_from_gram(gram)
-    gram = _statistics.sanitize_gram(gram, usable)
+    gram, usable = _statistics.sanitized(
+        placement.gram(leaves, per_leaf=per_leaf))
     out = rule_fn(gram, usable, tau_t)
     updates = treedef.unflatten(placement.combine(leaves, out.weights, usable))
     return updates, _record(

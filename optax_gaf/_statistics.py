@@ -66,6 +66,12 @@ def sanitize_gram(gram_matrix: jax.Array, usable: jax.Array) -> jax.Array:
   return jnp.where(both, gram_matrix, 0.0)
 
 
+def sanitized(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns ``(gram with unusable rows and columns zeroed, usable mask)``."""
+  usable = usable_from_gram(gram_matrix)
+  return sanitize_gram(gram_matrix, usable), usable
+
+
 def weighted_sum(
     leaves: Sequence[jax.Array], weights: jax.Array, usable: jax.Array
 ) -> list[jax.Array]:

@@ -120,9 +120,7 @@ def _absorb(carry: _Carry, block: Sequence[jax.Array], offset, tau,
   Gram matrix and ``B`` dot products with the carried aggregate, then one pass
   to fold the block in.
   """
-  gram = _statistics.gram(block)
-  ok = _statistics.usable_from_gram(gram)
-  gram = _statistics.sanitize_gram(gram, ok)
+  gram, ok = _statistics.sanitized(_statistics.gram(block))
   sq_norms = jnp.diagonal(gram)
   if carry.aggregate is None:  # nothing carried in yet
     cross = None
