@@ -13,18 +13,23 @@ from optax.experimental import aggregating
 def cnn_init(key, num_classes=10):
   """conv3x3(16) - pool - conv3x3(32) - pool - dense: 25.6k parameters."""
   k1, k2, k3 = jax.random.split(key, 3)
-  he = lambda k, shape, fan_in: jax.random.normal(k, shape) * (2 / fan_in) ** .5
+  he = lambda k, shape, fan_in: (
+    jax.random.normal(k, shape) * (2 / fan_in) ** 0.5
+  )
   return {
-      "conv1": {"w": he(k1, (3, 3, 3, 16), 27), "b": jnp.zeros(16)},
-      "conv2": {"w": he(k2, (3, 3, 16, 32), 144), "b": jnp.zeros(32)},
-      "dense": {"w": he(k3, (8 * 8 * 32, num_classes), 2048),
-                "b": jnp.zeros(num_classes)},
+    "conv1": {"w": he(k1, (3, 3, 3, 16), 27), "b": jnp.zeros(16)},
+    "conv2": {"w": he(k2, (3, 3, 16, 32), 144), "b": jnp.zeros(32)},
+    "dense": {
+      "w": he(k3, (8 * 8 * 32, num_classes), 2048),
+      "b": jnp.zeros(num_classes),
+    },
   }
 
 
 def _conv(x, layer):
   y = jax.lax.conv_general_dilated(
-      x, layer["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, layer["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   y = jax.nn.relu(y + layer["b"])
   n, h, w, c = y.shape
   return y.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
@@ -43,8 +48,10 @@ def xent(params, batch, apply_fn=cnn_apply):
 
 def image_batch(key, size, num_classes=10):
   kx, ky = jax.random.split(key)
-  return {"x": jax.random.normal(kx, (size, 32, 32, 3)),
-          "y": jax.random.randint(ky, (size,), 0, num_classes)}
+  return {
+    "x": jax.random.normal(kx, (size, 32, 32, 3)),
+    "y": jax.random.randint(ky, (size,), 0, num_classes),
+  }
 
 
 def num_params(params):
@@ -67,7 +74,7 @@ def interleaved(fns, rounds, min_time=0.05):
   times = {name: [] for name in fns}
   names = list(fns)
   for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in names[r % len(names) :] + names[: r % len(names)]:
       fn = fns[name]
       t = time.perf_counter()
       for _ in range(reps[name]):
@@ -83,7 +90,8 @@ def train_step(aggregator, grad_fn):
   Returns ``(tx, step)``; ``step(params, opt_state, batch)`` is not jitted.
   """
   tx = aggregating.process(
-      optax.identity(), aggregator, optax.sgd(0.01, momentum=0.9))
+    optax.identity(), aggregator, optax.sgd(0.01, momentum=0.9)
+  )
 
   def step(params, opt_state, batch):
     losses, grads = grad_fn(params, batch)

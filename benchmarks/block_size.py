@@ -14,9 +14,8 @@ Run::
 import jax
 import numpy as np
 
-from optax_gaf import _streaming
-
 from benchmarks import _common
+from optax_gaf import _streaming
 
 
 def main():
@@ -26,18 +25,24 @@ def main():
   for n in (4, 16, 64):
     key = jax.random.key(n)
     grads = jax.tree.map(
-        lambda p: p[None] + 0.5 * jax.random.normal(key, (n,) + p.shape),
-        params)
+      lambda p: p[None] + 0.5 * jax.random.normal(key, (n,) + p.shape), params
+    )
     fns = {}
     for b in (1, 4, 16, 64):
-      f = jax.jit(lambda g, b=b: _streaming.filter_microgradients(
-          g, 0.97, "sequential", block_size=b))
+      f = jax.jit(
+        lambda g, b=b: _streaming.filter_microgradients(
+          g, 0.97, "sequential", block_size=b
+        )
+      )
       fns[f"B={b}"] = lambda f=f: f(grads)
     mean = jax.jit(lambda g: jax.tree.map(lambda x: x.mean(0), g))
     fns["mean"] = lambda: mean(grads)
     t = _common.interleaved(fns, rounds=7)
-    print(f"| {n} | " + " | ".join(
-        f"{np.median(v) * 1e6:.0f}" for v in t.values()) + " |")
+    print(
+      f"| {n} | "
+      + " | ".join(f"{np.median(v) * 1e6:.0f}" for v in t.values())
+      + " |"
+    )
 
 
 if __name__ == "__main__":

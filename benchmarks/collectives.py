@@ -39,10 +39,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 import tqdm  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import optax_gaf  # noqa: E402
@@ -52,10 +53,23 @@ D = 8
 SHAPES = {"w1": (4096, 2048), "w2": (2048, 4096), "b": (4097,)}
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
-_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
-                "s64": 8, "u64": 8, "s8": 1, "u8": 1, "pred": 1}
-_OP = re.compile(r"= (.*?) (all-reduce|all-gather|all-to-all|reduce-scatter|"
-                 r"collective-permute)(-start)?\(")
+_DTYPE_BYTES = {
+  "f64": 8,
+  "f32": 4,
+  "bf16": 2,
+  "f16": 2,
+  "s32": 4,
+  "u32": 4,
+  "s64": 8,
+  "u64": 8,
+  "s8": 1,
+  "u8": 1,
+  "pred": 1,
+}
+_OP = re.compile(
+  r"= (.*?) (all-reduce|all-gather|all-to-all|reduce-scatter|"
+  r"collective-permute)(-start)?\("
+)
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 
 
@@ -97,8 +111,10 @@ def ring_bytes(hlo_text, num_devices=D):
 def make_grads(n, seed=0):
   rng = np.random.default_rng(seed)
   signal = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-  return {k: (signal[k][None] + rng.normal(size=(n,) + s).astype(np.float32))
-          for k, s in SHAPES.items()}
+  return {
+    k: (signal[k][None] + rng.normal(size=(n,) + s).astype(np.float32))
+    for k, s in SHAPES.items()
+  }
 
 
 def variants(n_local):
@@ -111,23 +127,42 @@ def variants(n_local):
   def pmean_step(g):
     return jax.tree.map(lambda x: lax.pmean(jnp.mean(x, 0), "data"), g)
 
-  out["pmean"] = (mesh, jax.jit(jax.shard_map(
-      pmean_step, mesh=mesh, in_specs=P("data"), out_specs=P())), False)
+  out["pmean"] = (
+    mesh,
+    jax.jit(
+      jax.shard_map(pmean_step, mesh=mesh, in_specs=P("data"), out_specs=P())
+    ),
+    False,
+  )
   for collective in ("all_to_all", "all_gather"):
-    agg = optax_gaf.gaf(2.0, axis_name="data", collective=collective,
-                        num_microbatches=n)
+    agg = optax_gaf.gaf(
+      2.0, axis_name="data", collective=collective, num_microbatches=n
+    )
     state = agg.init(None)
-    fn = jax.shard_map(lambda g, agg=agg, s=state: agg.update(g, s)[0],
-                       mesh=mesh, in_specs=P("data"), out_specs=P())
+    fn = jax.shard_map(
+      lambda g, agg=agg, s=state: agg.update(g, s)[0],
+      mesh=mesh,
+      in_specs=P("data"),
+      out_specs=P(),
+    )
     out[f"gaf {collective}"] = (mesh, jax.jit(fn), False)
-  out["jit mean"] = (auto_mesh, jax.jit(
-      lambda g: jax.tree.map(lambda x: jnp.mean(x, 0), g)), False)
+  out["jit mean"] = (
+    auto_mesh,
+    jax.jit(lambda g: jax.tree.map(lambda x: jnp.mean(x, 0), g)),
+    False,
+  )
   plain = optax_gaf.gaf(2.0, num_microbatches=n)
-  out["jit gaf (unconstrained)"] = (auto_mesh, jax.jit(
-      lambda g: plain.update(g, plain.init(None))[0]), False)
+  out["jit gaf (unconstrained)"] = (
+    auto_mesh,
+    jax.jit(lambda g: plain.update(g, plain.init(None))[0]),
+    False,
+  )
   named = optax_gaf.gaf(2.0, axis_name="data", num_microbatches=n)
-  out["jit gaf (constrained)"] = (auto_mesh, jax.jit(
-      lambda g: named.update(g, named.init(None))[0]), True)
+  out["jit gaf (constrained)"] = (
+    auto_mesh,
+    jax.jit(lambda g: named.update(g, named.init(None))[0]),
+    True,
+  )
   return out
 
 
@@ -137,9 +172,11 @@ def main():
   parser.add_argument("--n-local", type=int, default=1)
   parser.add_argument("--out", default=str(RESULTS / "collectives.md"))
   parser.add_argument(
-      "--skip", default="",
-      help="comma-separated variants to leave out (the all_gather ones need"
-           " D x N x P floats of host memory)")
+    "--skip",
+    default="",
+    help="comma-separated variants to leave out (the all_gather ones need"
+    " D x N x P floats of host memory)",
+  )
   args = parser.parse_args()
 
   n = D * args.n_local
@@ -161,8 +198,9 @@ def main():
   for name, c in compiled.items():
     got = c(inputs[name])
     for k in ref:
-      np.testing.assert_allclose(got[k], ref[k], rtol=2e-4, atol=2e-5,
-                                 err_msg=name)
+      np.testing.assert_allclose(
+        got[k], ref[k], rtol=2e-4, atol=2e-5, err_msg=name
+      )
 
   times = {name: [] for name in compiled}
   for _ in tqdm.tqdm(range(args.reps), desc="interleaved reps"):
@@ -174,22 +212,24 @@ def main():
   base_bytes = sum(moved["pmean"].values())
   base_time = np.median(times["pmean"])
   lines = [
-      f"D = {D} simulated CPU devices, {num_params / 1e6:.1f}M float32"
-      f" parameters, n_local = {args.n_local} (N = {n}), {args.reps}"
-      " interleaved repetitions, jax " + jax.__version__ + ".",
-      "",
-      "| variant | MB sent per device (ring model) | by collective (MB) |"
-      " bytes / pmean | median step (s) | time / pmean |",
-      "| --- | ---: | --- | ---: | ---: | ---: |",
+    f"D = {D} simulated CPU devices, {num_params / 1e6:.1f}M float32"
+    f" parameters, n_local = {args.n_local} (N = {n}), {args.reps}"
+    " interleaved repetitions, jax " + jax.__version__ + ".",
+    "",
+    "| variant | MB sent per device (ring model) | by collective (MB) |"
+    " bytes / pmean | median step (s) | time / pmean |",
+    "| --- | ---: | --- | ---: | ---: | ---: |",
   ]
   for name in compiled:
     total = sum(moved[name].values())
-    kinds = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in moved[name].items()
-                      if v >= 1e4)
+    kinds = ", ".join(
+      f"{k} {v / 1e6:.1f}" for k, v in moved[name].items() if v >= 1e4
+    )
     med = np.median(times[name])
     lines.append(
-        f"| {name} | {total / 1e6:.1f} | {kinds} | {total / base_bytes:.3f} |"
-        f" {med:.3f} | {med / base_time:.2f} |")
+      f"| {name} | {total / 1e6:.1f} | {kinds} | {total / base_bytes:.3f} |"
+      f" {med:.3f} | {med / base_time:.2f} |"
+    )
   text = "\n".join(lines) + "\n"
   print(text)
   out = pathlib.Path(args.out)
@@ -201,14 +241,18 @@ def main():
 
 def _plot(compiled, moved, times, base_bytes, base_time, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   names = list(compiled)
   byte_ratio = [sum(moved[k].values()) / base_bytes for k in names]
   time_ratio = [np.median(times[k]) / base_time for k in names]
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-  for ax, vals, title in ((axes[0], byte_ratio, "bytes sent / pmean"),
-                          (axes[1], time_ratio, "step time / pmean")):
+  for ax, vals, title in (
+    (axes[0], byte_ratio, "bytes sent / pmean"),
+    (axes[1], time_ratio, "step time / pmean"),
+  ):
     ax.barh(names, vals, color="tab:blue")
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
     ax.set_title(title)

@@ -22,7 +22,6 @@ import argparse
 import jax
 
 import optax_gaf
-
 from benchmarks import _common
 
 TAU = 0.97
@@ -35,7 +34,8 @@ def make_step(n, streaming, rule):
   else:
     grad_fn = optax_gaf.microbatch_grads(_common.xent, n)
   return _common.train_step(
-      optax_gaf.gaf(TAU, rule=rule, num_microbatches=n), grad_fn)
+    optax_gaf.gaf(TAU, rule=rule, num_microbatches=n), grad_fn
+  )
 
 
 def main():
@@ -53,25 +53,37 @@ def main():
     row = [n, batch_bytes]
     for streaming in (False, True):
       tx, step = make_step(n, streaming, args.rule)
-      mem = jax.jit(step).lower(
-          params, tx.init(params), batch).compile().memory_analysis()
+      mem = (
+        jax.jit(step)
+        .lower(params, tx.init(params), batch)
+        .compile()
+        .memory_analysis()
+      )
       row.append(mem.temp_size_in_bytes)
     rows.append(row)
-    print(f"N={n:3d} batch {batch_bytes/2**20:6.2f} MiB  temp vmap"
-          f" {row[2]/2**20:7.2f} MiB  streaming {row[3]/2**20:7.2f} MiB")
+    print(
+      f"N={n:3d} batch {batch_bytes / 2**20:6.2f} MiB  temp vmap"
+      f" {row[2] / 2**20:7.2f} MiB  streaming {row[3] / 2**20:7.2f} MiB"
+    )
   mib = lambda b: f"{b / 2**20:.2f}"
   table = "\n".join(
-      ["| N | batch (MiB, an argument) | temp, vmap (MiB) |"
-       " temp, streaming (MiB) |", "| ---: | ---: | ---: | ---: |"]
-      + [f"| {n} | {mib(b)} | {mib(v)} | {mib(s)} |" for n, b, v, s in rows])
+    [
+      "| N | batch (MiB, an argument) | temp, vmap (MiB) |"
+      " temp, streaming (MiB) |",
+      "| ---: | ---: | ---: | ---: |",
+    ]
+    + [f"| {n} | {mib(b)} | {mib(v)} | {mib(s)} |" for n, b, v, s in rows]
+  )
   print(table)
   _common.write_result(
-      args.out, "memory.md",
-      f"XLA temp memory of one jitted train step (`memory_analysis()`),"
-      f" small CNN with {_common.num_params(params)} parameters"
-      f" ({mib(param_bytes)} MiB), microbatch size {MICROBATCH},"
-      f" rule={args.rule}, jax {jax.__version__} on CPU.\n"
-      f"`PYTHONPATH=. python benchmarks/memory.py`\n\n{table}\n")
+    args.out,
+    "memory.md",
+    f"XLA temp memory of one jitted train step (`memory_analysis()`),"
+    f" small CNN with {_common.num_params(params)} parameters"
+    f" ({mib(param_bytes)} MiB), microbatch size {MICROBATCH},"
+    f" rule={args.rule}, jax {jax.__version__} on CPU.\n"
+    f"`PYTHONPATH=. python benchmarks/memory.py`\n\n{table}\n",
+  )
 
 
 if __name__ == "__main__":

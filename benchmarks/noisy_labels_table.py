@@ -41,30 +41,53 @@ from examples import noisy_labels  # pylint: disable=g-import-not-at-top
 from examples import training  # pylint: disable=g-import-not-at-top
 
 # The paper's Figure 6 (CIFAR-100, ResNet-18): noise -> (GAF, baseline) %.
-PAPER_FIGURE_6 = {0.0: (63, 62), 0.05: (61, 58), 0.2: (58, 50), 0.4: (53, 38),
-                  0.5: (48, 33), 0.6: (39, 20), 0.8: (8, 7)}
+PAPER_FIGURE_6 = {
+  0.0: (63, 62),
+  0.05: (61, 58),
+  0.2: (58, 50),
+  0.4: (53, 38),
+  0.5: (48, 33),
+  0.6: (39, 20),
+  0.8: (8, 7),
+}
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
-      description="GAF vs averaging on digits under label noise.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--methods", default="average,gaf-sequential",
-                 help=f"comma-separated, from {sorted(training.METHODS)}")
-  p.add_argument("--noise", type=float, nargs="+",
-                 default=[0.0, 0.2, 0.4, 0.6, 0.8])
+    description="GAF vs averaging on digits under label noise.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument(
+    "--methods",
+    default="average,gaf-sequential",
+    help=f"comma-separated, from {sorted(training.METHODS)}",
+  )
+  p.add_argument(
+    "--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8]
+  )
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--taus", type=float, nargs="*",
-                 default=[0.6, 0.7, 0.8, 0.9, 1.0],
-                 help="tau sweep for each GAF method at --sweep-noise;"
-                 " empty to skip")
+  p.add_argument(
+    "--taus",
+    type=float,
+    nargs="*",
+    default=[0.6, 0.7, 0.8, 0.9, 1.0],
+    help="tau sweep for each GAF method at --sweep-noise; empty to skip",
+  )
   p.add_argument("--sweep-noise", type=float, default=0.4)
-  p.add_argument("--no-random-labels", action="store_true",
-                 help="skip the pure-random-label run")
-  p.add_argument("--steps", type=int, default=None,
-                 help="default: the example's")
-  p.add_argument("--num-microbatches", type=int, default=None,
-                 help="N (default: the example's)")
+  p.add_argument(
+    "--no-random-labels",
+    action="store_true",
+    help="skip the pure-random-label run",
+  )
+  p.add_argument(
+    "--steps", type=int, default=None, help="default: the example's"
+  )
+  p.add_argument(
+    "--num-microbatches",
+    type=int,
+    default=None,
+    help="N (default: the example's)",
+  )
   p.add_argument("--eval-every", type=int, default=1000)
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   args = p.parse_args(argv)
@@ -76,8 +99,10 @@ def parse_args(argv=None):
     p.error("--seeds must be >= 1")
   # Everything else: the example's defaults, so the two agree.
   args.example = noisy_labels.parse_args(
-      [] if args.num_microbatches is None
-      else ["--num-microbatches", str(args.num_microbatches)])
+    []
+    if args.num_microbatches is None
+    else ["--num-microbatches", str(args.num_microbatches)]
+  )
   noisy_labels.resolve_defaults(args.example, datasets.load_digits())
   args.steps = args.steps or args.example.steps
   return args
@@ -88,26 +113,46 @@ def _compiled(method: str, tau: float, base, data, cache: dict):
   if (method, tau) in cache:
     return cache[method, tau]
   model_fn = lambda seed: models.make_model(
-      base.model, data.train_x.shape[1:], data.num_classes, seed)
+    base.model, data.train_x.shape[1:], data.num_classes, seed
+  )
   tx = training.make_tx(
-      method, tau=tau, num_microbatches=base.num_microbatches,
-      inner=training.make_inner(base.optimizer, base.lr))
+    method,
+    tau=tau,
+    num_microbatches=base.num_microbatches,
+    inner=training.make_inner(base.optimizer, base.lr),
+  )
   trainer, _ = training.build(
-      model_fn(0), tx, num_microbatches=base.num_microbatches,
-      train_x=jnp.asarray(data.train_x))
+    model_fn(0),
+    tx,
+    num_microbatches=base.num_microbatches,
+    train_x=jnp.asarray(data.train_x),
+  )
 
   def init(seed):
     model = model_fn(seed)
     return nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))[1]
 
   cache[method, tau] = (
-      trainer, jax.jit(jax.vmap(init)), jax.jit(jax.vmap(trainer.run_chunk)),
-      jax.jit(jax.vmap(trainer.accuracy, in_axes=(0, None, 0, 0))))
+    trainer,
+    jax.jit(jax.vmap(init)),
+    jax.jit(jax.vmap(trainer.run_chunk)),
+    jax.jit(jax.vmap(trainer.accuracy, in_axes=(0, None, 0, 0))),
+  )
   return cache[method, tau]
 
 
-def run_group(method: str, tau: float, label_sets, idx_sets, seeds, base,
-              data, eval_every: int, progress=None, cache=None):
+def run_group(
+  method: str,
+  tau: float,
+  label_sets,
+  idx_sets,
+  seeds,
+  base,
+  data,
+  eval_every: int,
+  progress=None,
+  cache=None,
+):
   """Trains one model per row of ``label_sets`` / ``idx_sets``, vmapped.
 
   Returns:
@@ -115,7 +160,8 @@ def run_group(method: str, tau: float, label_sets, idx_sets, seeds, base,
   """
   num_runs = len(seeds)
   _, init, run_chunk, accuracy = _compiled(
-      method, tau, base, data, {} if cache is None else cache)
+    method, tau, base, data, {} if cache is None else cache
+  )
   state = init(jax.vmap(jax.random.key)(jnp.asarray(seeds)))  # as Rngs(seed)
   labels = jnp.asarray(np.stack(label_sets))
   clean = jnp.asarray(data.train_clean_y)
@@ -123,25 +169,48 @@ def run_group(method: str, tau: float, label_sets, idx_sets, seeds, base,
   train_x = jnp.asarray(data.train_x)
   val_y = jnp.broadcast_to(jnp.asarray(data.val_y), (num_runs, len(data.val_y)))
   keys = jax.random.split(jax.random.key(0), num_runs)
-  curves = {k: [] for k in ("step", "val_acc", "memorisation", "train_acc",
-                            "acceptance_rate", "skip_rate")}
+  curves = {
+    k: []
+    for k in (
+      "step",
+      "val_acc",
+      "memorisation",
+      "train_acc",
+      "acceptance_rate",
+      "skip_rate",
+    )
+  }
   idx_sets = np.stack(idx_sets)
   for start, stop in training.chunks(idx_sets.shape[1], eval_every):
-    state, metrics = run_chunk(state, jnp.asarray(idx_sets[:, start:stop]),
-                               labels, keys)
+    state, metrics = run_chunk(
+      state, jnp.asarray(idx_sets[:, start:stop]), labels, keys
+    )
     curves["step"].append(stop)
-    curves["val_acc"].append(np.asarray(accuracy(
-        state, jnp.asarray(data.val_x), val_y, jnp.ones_like(val_y, float))))
-    curves["memorisation"].append(np.asarray(accuracy(
-        state, train_x, labels, corrupted.astype(jnp.float32))))
-    curves["train_acc"].append(np.asarray(accuracy(
-        state, train_x, labels, jnp.ones(labels.shape, jnp.float32))))
+    curves["val_acc"].append(
+      np.asarray(
+        accuracy(
+          state, jnp.asarray(data.val_x), val_y, jnp.ones_like(val_y, float)
+        )
+      )
+    )
+    curves["memorisation"].append(
+      np.asarray(
+        accuracy(state, train_x, labels, corrupted.astype(jnp.float32))
+      )
+    )
+    curves["train_acc"].append(
+      np.asarray(
+        accuracy(state, train_x, labels, jnp.ones(labels.shape, jnp.float32))
+      )
+    )
     curves["acceptance_rate"].append(np.mean(metrics.acceptance_rate, 1))
     curves["skip_rate"].append(1.0 - np.mean(metrics.ready, 1))
     if progress is not None:
       progress.update((stop - start) * num_runs)
-  curves = {k: np.stack(v, axis=-1) if k != "step" else np.asarray(v)
-            for k, v in curves.items()}
+  curves = {
+    k: np.stack(v, axis=-1) if k != "step" else np.asarray(v)
+    for k, v in curves.items()
+  }
   final = {k: v[..., -1] for k, v in curves.items() if k != "step"}
   # Acceptance and skips: means over the whole run, not the last chunk.
   final["acceptance_rate"] = curves["acceptance_rate"].mean(-1)
@@ -154,13 +223,22 @@ def noisy_sets(data, noise: float, seeds, base, steps, random_labels=False):
   """Labels and (shared across methods) microbatch indices for each seed."""
   label_sets, idx_sets = [], []
   for seed in seeds:
-    noisy = (datasets.random_labels(data, seed) if random_labels
-             else datasets.symmetric_label_noise(data, noise, seed))
+    noisy = (
+      datasets.random_labels(data, seed)
+      if random_labels
+      else datasets.symmetric_label_noise(data, noise, seed)
+    )
     label_sets.append(noisy.train_y)
-    idx_sets.append(datasets.class_balanced_microbatches(
-        noisy.train_y, data.num_classes, num_steps=steps,
-        num_microbatches=base.num_microbatches, per_class=base.per_class,
-        seed=seed))
+    idx_sets.append(
+      datasets.class_balanced_microbatches(
+        noisy.train_y,
+        data.num_classes,
+        num_steps=steps,
+        num_microbatches=base.num_microbatches,
+        per_class=base.per_class,
+        seed=seed,
+      )
+    )
   return label_sets, idx_sets
 
 
@@ -179,13 +257,22 @@ def run(args) -> dict:
   seeds = list(range(args.seeds))
   # The tau sweep only for methods that use tau.
   gaf_methods = [m for m in args.methods if m.startswith("gaf")]
-  total = args.steps * args.seeds * (
+  total = (
+    args.steps
+    * args.seeds
+    * (
       len(args.methods) * len(args.noise)
       + len(gaf_methods) * len(args.taus)
-      + (0 if args.no_random_labels else len(args.methods)))
-  results = {"config": {k: v for k, v in vars(args).items() if k != "example"}
-             | {"example": vars(base)}, "noise": {}, "tau_sweep": {},
-             "random_labels": {}}
+      + (0 if args.no_random_labels else len(args.methods))
+    )
+  )
+  results = {
+    "config": {k: v for k, v in vars(args).items() if k != "example"}
+    | {"example": vars(base)},
+    "noise": {},
+    "tau_sweep": {},
+    "random_labels": {},
+  }
   cache = {}  # (method, tau) -> compiled functions, reused across noise rates
   start = time.time()
   with tqdm(total=total, unit="step") as progress:
@@ -193,25 +280,50 @@ def run(args) -> dict:
       sets = noisy_sets(data, noise, seeds, base, args.steps)
       for method in args.methods:
         progress.set_postfix(noise=noise, method=method)
-        out = run_group(method, base.tau, *sets, seeds, base, data,
-                        args.eval_every, progress, cache)
+        out = run_group(
+          method,
+          base.tau,
+          *sets,
+          seeds,
+          base,
+          data,
+          args.eval_every,
+          progress,
+          cache,
+        )
         results["noise"].setdefault(method, {})[noise] = out
     if args.taus:
       sets = noisy_sets(data, args.sweep_noise, seeds, base, args.steps)
       for method in gaf_methods:
         for tau in args.taus:
           progress.set_postfix(tau=tau, method=method)
-          out = run_group(method, tau, *sets, seeds, base, data,
-                          args.eval_every, progress, cache)
+          out = run_group(
+            method,
+            tau,
+            *sets,
+            seeds,
+            base,
+            data,
+            args.eval_every,
+            progress,
+            cache,
+          )
           results["tau_sweep"].setdefault(method, {})[tau] = out
     if not args.no_random_labels:
-      sets = noisy_sets(data, 0.0, seeds, base, args.steps,
-                        random_labels=True)
+      sets = noisy_sets(data, 0.0, seeds, base, args.steps, random_labels=True)
       for method in args.methods:
         progress.set_postfix(labels="random", method=method)
         results["random_labels"][method] = run_group(
-            method, base.tau, *sets, seeds, base, data, args.eval_every,
-            progress, cache)
+          method,
+          base.tau,
+          *sets,
+          seeds,
+          base,
+          data,
+          args.eval_every,
+          progress,
+          cache,
+        )
   results["seconds"] = time.time() - start
   return results
 
@@ -219,65 +331,78 @@ def run(args) -> dict:
 def markdown(results, args) -> str:
   base = args.example
   lines = [
-      "# Noisy labels on digits: GAF vs averaging",
-      "",
-      f"MLP on scikit-learn digits (1300 train / 497 validation),"
-      f" {base.optimizer} (momentum 0.9) lr {base.lr}, {args.steps} steps of"
-      f" N={base.num_microbatches} class-balanced microbatches of"
-      f" {base.per_class} examples per class, tau={base.tau} unless swept;"
-      f" {args.seeds} seeds, mean ± std in %. Symmetric noise: that fraction"
-      " of training labels moved to a uniformly random other class."
-      " Memorisation: accuracy on the corrupted training examples measured"
-      " against their corrupted labels. Acceptance: mean fraction of"
-      " microgradients GAF accepted per step; skipped: fraction of"
-      " no-agreement steps (the optimizer did not move).",
-      "",
-      "Reproduce: `"
-      + shlex.join(["python", "benchmarks/noisy_labels_table.py", *args.argv])
-      + f"` ({results['seconds'] / 60:.0f} min on 2 CPU cores).",
-      "",
-      "## Final validation accuracy, memorisation, acceptance vs label noise",
-      "",
-      "| noise | method | val acc | best val acc | memorisation | acceptance"
-      " | skipped |",
-      "| --- | --- | --- | --- | --- | --- | --- |",
+    "# Noisy labels on digits: GAF vs averaging",
+    "",
+    f"MLP on scikit-learn digits (1300 train / 497 validation),"
+    f" {base.optimizer} (momentum 0.9) lr {base.lr}, {args.steps} steps of"
+    f" N={base.num_microbatches} class-balanced microbatches of"
+    f" {base.per_class} examples per class, tau={base.tau} unless swept;"
+    f" {args.seeds} seeds, mean ± std in %. Symmetric noise: that fraction"
+    " of training labels moved to a uniformly random other class."
+    " Memorisation: accuracy on the corrupted training examples measured"
+    " against their corrupted labels. Acceptance: mean fraction of"
+    " microgradients GAF accepted per step; skipped: fraction of"
+    " no-agreement steps (the optimizer did not move).",
+    "",
+    "Reproduce: `"
+    + shlex.join(["python", "benchmarks/noisy_labels_table.py", *args.argv])
+    + f"` ({results['seconds'] / 60:.0f} min on 2 CPU cores).",
+    "",
+    "## Final validation accuracy, memorisation, acceptance vs label noise",
+    "",
+    "| noise | method | val acc | best val acc | memorisation | acceptance"
+    " | skipped |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
   ]
   for noise in args.noise:
     for method in args.methods:
       f = results["noise"][method][noise]["final"]
       lines.append(
-          f"| {noise:.0%} | {method} | {mean_std(f['val_acc'])} |"
-          f" {mean_std(f['best_val_acc'])} | {mean_std(f['memorisation'])} |"
-          f" {mean_std(f['acceptance_rate'])} |"
-          f" {mean_std(f['skip_rate']) if method != 'average' else '-'} |")
+        f"| {noise:.0%} | {method} | {mean_std(f['val_acc'])} |"
+        f" {mean_std(f['best_val_acc'])} | {mean_std(f['memorisation'])} |"
+        f" {mean_std(f['acceptance_rate'])} |"
+        f" {mean_std(f['skip_rate']) if method != 'average' else '-'} |"
+      )
   if results["tau_sweep"]:
-    lines += ["", f"## Tau sweep at {args.sweep_noise:.0%} noise", "",
-              "| method | tau | val acc | memorisation | acceptance |"
-              " skipped |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+      "",
+      f"## Tau sweep at {args.sweep_noise:.0%} noise",
+      "",
+      "| method | tau | val acc | memorisation | acceptance | skipped |",
+      "| --- | --- | --- | --- | --- | --- |",
+    ]
     for method, by_tau in results["tau_sweep"].items():
       for tau, out in by_tau.items():
         f = out["final"]
         lines.append(
-            f"| {method} | {tau} | {mean_std(f['val_acc'])} |"
-            f" {mean_std(f['memorisation'])} |"
-            f" {mean_std(f['acceptance_rate'])} |"
-            f" {mean_std(f['skip_rate'])} |")
+          f"| {method} | {tau} | {mean_std(f['val_acc'])} |"
+          f" {mean_std(f['memorisation'])} |"
+          f" {mean_std(f['acceptance_rate'])} |"
+          f" {mean_std(f['skip_rate'])} |"
+        )
   if results["random_labels"]:
-    lines += ["", "## Pure random labels (every training label uniform)", "",
-              "Training accuracy on the random labels (chance: 10%).", "",
-              "| method | train acc | val acc (true labels) | skipped |",
-              "| --- | --- | --- | --- |"]
+    lines += [
+      "",
+      "## Pure random labels (every training label uniform)",
+      "",
+      "Training accuracy on the random labels (chance: 10%).",
+      "",
+      "| method | train acc | val acc (true labels) | skipped |",
+      "| --- | --- | --- | --- |",
+    ]
     for method, out in results["random_labels"].items():
       f = out["final"]
       lines.append(
-          f"| {method} | {mean_std(f['train_acc'])} |"
-          f" {mean_std(f['val_acc'])} |"
-          f" {mean_std(f['skip_rate']) if method != 'average' else '-'} |")
+        f"| {method} | {mean_std(f['train_acc'])} |"
+        f" {mean_std(f['val_acc'])} |"
+        f" {mean_std(f['skip_rate']) if method != 'average' else '-'} |"
+      )
   return "\n".join(lines) + "\n"
 
 
 def plot(results, args, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -287,25 +412,50 @@ def plot(results, args, path: str) -> None:
     by = results["noise"][method]
     for ax, key in ((axes[0], "val_acc"), (axes[1], "memorisation")):
       vals = np.array([by[n]["final"][key] for n in args.noise]) * 100
-      ax.errorbar(noise, vals.mean(1), vals.std(1), marker="o", capsize=3,
-                  label=method)
+      ax.errorbar(
+        noise, vals.mean(1), vals.std(1), marker="o", capsize=3, label=method
+      )
   paper = sorted(PAPER_FIGURE_6.items())
-  axes[0].plot([100 * n for n, _ in paper], [g for _, (g, _) in paper], "k:",
-               marker="^", label="paper GAF (CIFAR-100)")
-  axes[0].plot([100 * n for n, _ in paper], [b for _, (_, b) in paper], "k--",
-               marker="v", label="paper baseline (CIFAR-100)")
+  axes[0].plot(
+    [100 * n for n, _ in paper],
+    [g for _, (g, _) in paper],
+    "k:",
+    marker="^",
+    label="paper GAF (CIFAR-100)",
+  )
+  axes[0].plot(
+    [100 * n for n, _ in paper],
+    [b for _, (_, b) in paper],
+    "k--",
+    marker="v",
+    label="paper baseline (CIFAR-100)",
+  )
   axes[0].set(title="final validation accuracy (%)", xlabel="label noise (%)")
   axes[1].set(title="memorisation (%)", xlabel="label noise (%)")
   for method, by_tau in results["tau_sweep"].items():
     taus = list(by_tau)
     val = np.array([by_tau[t]["final"]["val_acc"] for t in taus]) * 100
     acc = np.array([by_tau[t]["final"]["acceptance_rate"] for t in taus]) * 100
-    axes[2].errorbar(taus, val.mean(1), val.std(1), marker="o", capsize=3,
-                     label=f"{method}: val acc")
-    axes[2].errorbar(taus, acc.mean(1), acc.std(1), marker="s", ls="--",
-                     capsize=3, label=f"{method}: acceptance")
-  axes[2].set(title=f"tau sweep at {args.sweep_noise:.0%} noise (%)",
-              xlabel="tau")
+    axes[2].errorbar(
+      taus,
+      val.mean(1),
+      val.std(1),
+      marker="o",
+      capsize=3,
+      label=f"{method}: val acc",
+    )
+    axes[2].errorbar(
+      taus,
+      acc.mean(1),
+      acc.std(1),
+      marker="s",
+      ls="--",
+      capsize=3,
+      label=f"{method}: acceptance",
+    )
+  axes[2].set(
+    title=f"tau sweep at {args.sweep_noise:.0%} noise (%)", xlabel="tau"
+  )
   for method, out in results["random_labels"].items():
     c = out["curves"]
     tr = c["train_acc"] * 100

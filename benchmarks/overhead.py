@@ -31,40 +31,43 @@ from optax.experimental import aggregating
 from tqdm import tqdm
 
 import optax_gaf
+from benchmarks import _common
 from optax_gaf import _rules
 from optax_gaf import _statistics
-
-from benchmarks import _common
 
 TAU = 0.97  # the paper's default; a random CNN accepts some and rejects some
 
 
 def gram_sequential(tau):
   """The Gram route for the sequential rule (what gaf() did before)."""
+
   def update(grads, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(grads)
     gram = _statistics.gram(leaves)
     usable = _statistics.usable_from_gram(gram)
-    out = _rules.sequential(_statistics.sanitize_gram(gram, usable), usable,
-                            jnp.float32(tau))
+    out = _rules.sequential(
+      _statistics.sanitize_gram(gram, usable), usable, jnp.float32(tau)
+    )
     combined = _statistics.weighted_sum(leaves, out.weights, usable)
     return treedef.unflatten(combined), {"ready": out.ready}
+
   return aggregating.Aggregator(lambda p: {"ready": jnp.ones([], bool)}, update)
 
 
 def variants(n):
   return {
-      "average": aggregating.average_per_element_updates(),
-      "sequential": optax_gaf.gaf(TAU, rule="sequential", num_microbatches=n),
-      "pairwise": optax_gaf.gaf(TAU, rule="pairwise", num_microbatches=n),
-      "gram": gram_sequential(TAU),
+    "average": aggregating.average_per_element_updates(),
+    "sequential": optax_gaf.gaf(TAU, rule="sequential", num_microbatches=n),
+    "pairwise": optax_gaf.gaf(TAU, rule="pairwise", num_microbatches=n),
+    "gram": gram_sequential(TAU),
   }
 
 
 def make_step(aggregator, n):
   tx, step = _common.train_step(
-      aggregator, optax_gaf.microbatch_grads(_common.xent, n))
+    aggregator, optax_gaf.microbatch_grads(_common.xent, n)
+  )
   return tx, jax.jit(step)
 
 
@@ -79,8 +82,8 @@ def isolated(ns, rounds, out_dir):
   for n in tqdm(ns, desc="aggregator alone"):
     key = jax.random.key(n)
     grads = jax.tree.map(
-        lambda p: p[None] + 0.3 * jax.random.normal(key, (n,) + p.shape),
-        params)
+      lambda p: p[None] + 0.3 * jax.random.normal(key, (n,) + p.shape), params
+    )
     fns = {}
     for name, agg in variants(n).items():
       update = jax.jit(agg.update)
@@ -89,26 +92,39 @@ def isolated(ns, rounds, out_dir):
     t = _common.interleaved(fns, rounds)
     rows.append((n, {k: float(np.median(v)) * 1e6 for k, v in t.items()}))
   table = "\n".join(
-      ["| N | average (us) | sequential (us) | pairwise (us) |"
-       " gram (sequential) (us) |", "| ---: | ---: | ---: | ---: | ---: |"]
-      + [f"| {n} | {r['average']:.0f} | {r['sequential']:.0f} |"
-         f" {r['pairwise']:.0f} | {r['gram']:.0f} |" for n, r in rows])
+    [
+      "| N | average (us) | sequential (us) | pairwise (us) |"
+      " gram (sequential) (us) |",
+      "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    + [
+      f"| {n} | {r['average']:.0f} | {r['sequential']:.0f} |"
+      f" {r['pairwise']:.0f} | {r['gram']:.0f} |"
+      for n, r in rows
+    ]
+  )
   print(table)
   _common.write_result(
-      out_dir, "overhead_isolated.md",
-      f"The aggregator's `update` alone, jitted, on N stacked microgradients"
-      f" of the {_common.num_params(params)}-parameter CNN (median"
-      f" microseconds over {rounds} interleaved rounds, {os.cpu_count()} CPU"
-      f" cores).\n`PYTHONPATH=. python benchmarks/overhead.py --isolated`"
-      f"\n\n{table}\n")
+    out_dir,
+    "overhead_isolated.md",
+    f"The aggregator's `update` alone, jitted, on N stacked microgradients"
+    f" of the {_common.num_params(params)}-parameter CNN (median"
+    f" microseconds over {rounds} interleaved rounds, {os.cpu_count()} CPU"
+    f" cores).\n`PYTHONPATH=. python benchmarks/overhead.py --isolated`"
+    f"\n\n{table}\n",
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="N in {2, 16}, microbatch sizes {8, 1}, 3 rounds")
-  parser.add_argument("--isolated", action="store_true",
-                      help="time the aggregators alone, per N")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="N in {2, 16}, microbatch sizes {8, 1}, 3 rounds",
+  )
+  parser.add_argument(
+    "--isolated", action="store_true", help="time the aggregators alone, per N"
+  )
   parser.add_argument("--rounds", type=int, default=11)
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
@@ -127,42 +143,52 @@ def main():
       for name, agg in variants(n).items():
         tx, step = make_step(agg, n)
         state = tx.init(params)
-        fns[name] = (lambda step=step, state=state:
-                     step(params, state, batch))
+        fns[name] = lambda step=step, state=state: step(params, state, batch)
       t = _common.interleaved(fns, rounds)
       ratio = {k: float(np.median(t[k] / t["average"])) for k in t}
       rows.append((mb, n, float(np.median(t["average"])) * 1e3, ratio))
-      tqdm.write(f"mb={mb:2d} N={n:2d} avg {rows[-1][2]:8.2f} ms  " + "  ".join(
-          f"{k} {v:.3f}" for k, v in ratio.items() if k != "average"))
+      tqdm.write(
+        f"mb={mb:2d} N={n:2d} avg {rows[-1][2]:8.2f} ms  "
+        + "  ".join(f"{k} {v:.3f}" for k, v in ratio.items() if k != "average")
+      )
 
-  head = ("| microbatch size | N | average (ms/step) | sequential | pairwise |"
-          " gram (sequential) |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+  head = (
+    "| microbatch size | N | average (ms/step) | sequential | pairwise |"
+    " gram (sequential) |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
+  )
   lines = [head] + [
-      f"| {mb} | {n} | {avg:.2f} | {r['sequential']:.3f} | {r['pairwise']:.3f}"
-      f" | {r['gram']:.3f} |" for mb, n, avg, r in rows]
+    f"| {mb} | {n} | {avg:.2f} | {r['sequential']:.3f} | {r['pairwise']:.3f}"
+    f" | {r['gram']:.3f} |"
+    for mb, n, avg, r in rows
+  ]
   worst = max(max(r["sequential"], r["pairwise"]) for *_, r in rows)
   table = "\n".join(lines)
   print(table)
   print(f"worst gaf / average: {worst:.3f}")
   suffix = "_quick" if args.quick else ""
   _common.write_result(
-      args.out, f"overhead{suffix}.md",
-      f"Time per train step relative to `average_per_element_updates`"
-      f" (median over {rounds} interleaved rounds). Small CNN,"
-      f" {_common.num_params(params)} parameters, 32x32x3 inputs, SGD"
-      f" momentum, tau={TAU}. {os.cpu_count()} CPU cores, jax"
-      f" {jax.__version__}.\n`PYTHONPATH=. python benchmarks/overhead.py"
-      f"{' --quick' if args.quick else ''}`\n\n{table}\n\n"
-      f"Worst gaf / average: {worst:.3f}\n")
+    args.out,
+    f"overhead{suffix}.md",
+    f"Time per train step relative to `average_per_element_updates`"
+    f" (median over {rounds} interleaved rounds). Small CNN,"
+    f" {_common.num_params(params)} parameters, 32x32x3 inputs, SGD"
+    f" momentum, tau={TAU}. {os.cpu_count()} CPU cores, jax"
+    f" {jax.__version__}.\n`PYTHONPATH=. python benchmarks/overhead.py"
+    f"{' --quick' if args.quick else ''}`\n\n{table}\n\n"
+    f"Worst gaf / average: {worst:.3f}\n",
+  )
   _plot(rows, ns, sizes, os.path.join(args.out, f"overhead{suffix}.png"))
 
 
 def _plot(rows, ns, sizes, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.2),
-                           sharey=True)
+
+  fig, axes = plt.subplots(
+    1, len(sizes), figsize=(4 * len(sizes), 3.2), sharey=True
+  )
   for ax, mb in zip(np.atleast_1d(axes), sizes):
     sel = [r for r in rows if r[0] == mb]
     for key in ("sequential", "pairwise", "gram"):

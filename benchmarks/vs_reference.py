@@ -42,10 +42,10 @@ import optax
 import torch
 from optax.experimental import aggregating
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset
+from torch.utils.data import TensorDataset
 
 import optax_gaf
-
 from benchmarks import _common
 
 TAU = 0.97
@@ -55,15 +55,23 @@ LR, MOMENTUM = 0.01, 0.9
 
 # --- the same two models in torch and in JAX (torch layouts: NCHW, OIHW) ---
 
+
 def torch_model(kind):
   torch.manual_seed(0)
   if kind == "mlp":
-    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 128), nn.ReLU(),
-                         nn.Linear(128, 10))
+    return nn.Sequential(
+      nn.Flatten(), nn.Linear(3072, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
   return nn.Sequential(
-      nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-      nn.Flatten(), nn.Linear(8 * 8 * 32, 10))
+    nn.Conv2d(3, 16, 3, padding=1),
+    nn.ReLU(),
+    nn.AvgPool2d(2),
+    nn.Conv2d(16, 32, 3, padding=1),
+    nn.ReLU(),
+    nn.AvgPool2d(2),
+    nn.Flatten(),
+    nn.Linear(8 * 8 * 32, 10),
+  )
 
 
 def jax_params(model):
@@ -78,7 +86,8 @@ def jax_apply(kind, params, x):
   c1, cb1, c2, cb2, w, b = params
   for k, kb in ((c1, cb1), (c2, cb2)):
     x = jax.lax.conv_general_dilated(
-        x, k, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+      x, k, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
     x = jax.nn.relu(x + kb[None, :, None, None])
     n, c, h, wd = x.shape
     x = x.reshape(n, c, h // 2, 2, wd // 2, 2).mean(axis=(3, 5))
@@ -91,9 +100,10 @@ def jax_step_fn(kind, n):
     return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], 1))
 
   tx = aggregating.process(
-      optax.identity(), optax_gaf.gaf(TAU, rule="pairwise",
-                                      num_microbatches=n),
-      optax.sgd(LR, momentum=MOMENTUM))
+    optax.identity(),
+    optax_gaf.gaf(TAU, rule="pairwise", num_microbatches=n),
+    optax.sgd(LR, momentum=MOMENTUM),
+  )
   grad_fn = optax_gaf.microbatch_grads(loss, n)
 
   @jax.jit
@@ -128,18 +138,31 @@ def run(kind, n, steps, rng):
       x = rng.normal(size=(n * MICROBATCH, 3, 32, 32)).astype(np.float32)
       # Half the labels are class 0, so microgradients share a direction and
       # tau=0.97 accepts some and rejects some.
-      y = np.where(rng.random(n * MICROBATCH) < 0.5, 0,
-                   rng.integers(0, 10, size=n * MICROBATCH))
+      y = np.where(
+        rng.random(n * MICROBATCH) < 0.5,
+        0,
+        rng.integers(0, 10, size=n * MICROBATCH),
+      )
       data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-      micro = [Subset(data, range(i * MICROBATCH, (i + 1) * MICROBATCH))
-               for i in range(n)]
+      micro = [
+        Subset(data, range(i * MICROBATCH, (i + 1) * MICROBATCH))
+        for i in range(n)
+      ]
       distances.clear()
       t0 = time.perf_counter()
-      reference.step_GAF(model, opt, nn.CrossEntropyLoss(), micro,
-                         wandb=False, verbose=False, cos_distance_thresh=TAU)
+      reference.step_GAF(
+        model,
+        opt,
+        nn.CrossEntropyLoss(),
+        micro,
+        wandb=False,
+        verbose=False,
+        cos_distance_thresh=TAU,
+      )
       t1 = time.perf_counter()
       params, state = jax.block_until_ready(
-          step(params, state, {"x": jnp.asarray(x), "y": jnp.asarray(y)}))
+        step(params, state, {"x": jnp.asarray(x), "y": jnp.asarray(y)})
+      )
       t2 = time.perf_counter()
       if s:
         t_torch.append(t1 - t0)
@@ -154,8 +177,14 @@ def run(kind, n, steps, rng):
       params = jax_params(model)
   finally:
     reference._filter_gradients_cosine_sim = original
-  return (np.median(t_torch), np.median(t_jax), agree, compared, accepted,
-          max(margins, default=0.0))
+  return (
+    np.median(t_torch),
+    np.median(t_jax),
+    agree,
+    compared,
+    accepted,
+    max(margins, default=0.0),
+  )
 
 
 def main():
@@ -169,30 +198,41 @@ def main():
   for kind in ("mlp", "cnn"):
     for n in (2, 4, 8):
       t_t, t_j, agree, compared, acc, margin = run(
-          kind, n, args.steps, np.random.default_rng(n))
+        kind, n, args.steps, np.random.default_rng(n)
+      )
       rows.append((kind, n, t_t, t_j, agree, compared, acc, margin))
-      print(f"{kind} N={n}: step_GAF {t_t*1e3:.2f} ms, optax_gaf"
-            f" {t_j*1e3:.2f} ms, ratio {t_t/t_j:.1f}x, decisions agree"
-            f" {agree}/{compared} ({acc} accepted; largest |distance - tau|"
-            f" where they differ {margin:.1e})", flush=True)
+      print(
+        f"{kind} N={n}: step_GAF {t_t * 1e3:.2f} ms, optax_gaf"
+        f" {t_j * 1e3:.2f} ms, ratio {t_t / t_j:.1f}x, decisions agree"
+        f" {agree}/{compared} ({acc} accepted; largest |distance - tau|"
+        f" where they differ {margin:.1e})",
+        flush=True,
+      )
   table = "\n".join(
-      ["| model | N | step_GAF (ms/step) | optax_gaf (ms/step) |"
-       " step_GAF / optax_gaf | decisions agree (accepted) |"
-       " max abs(distance - tau) where not |",
-       "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-      + [f"| {k} | {n} | {tt*1e3:.2f} | {tj*1e3:.2f} | {tt/tj:.1f}x |"
-         f" {a}/{c} ({acc}) | {m:.1e} |"
-         for k, n, tt, tj, a, c, acc, m in rows])
+    [
+      "| model | N | step_GAF (ms/step) | optax_gaf (ms/step) |"
+      " step_GAF / optax_gaf | decisions agree (accepted) |"
+      " max abs(distance - tau) where not |",
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    + [
+      f"| {k} | {n} | {tt * 1e3:.2f} | {tj * 1e3:.2f} | {tt / tj:.1f}x |"
+      f" {a}/{c} ({acc}) | {m:.1e} |"
+      for k, n, tt, tj, a, c, acc, m in rows
+    ]
+  )
   print(table)
   _common.write_result(
-      args.out, "vs_reference.md",
-      f"Median wall time per training step over {args.steps} steps (after"
-      f" one warm-up step), microbatch size {MICROBATCH}, tau={TAU}, SGD"
-      f" lr={LR} momentum={MOMENTUM}; torch {torch.__version__} (CPU),"
-      f" gradient-agreement-filtering 0.1.3, jax {jax.__version__},"
-      f" {os.cpu_count()} CPU cores, torch threads {args.torch_threads}.\n"
-      f"`PYTHONPATH=. /work/venv-torch/bin/python"
-      f" benchmarks/vs_reference.py`\n\n{table}\n")
+    args.out,
+    "vs_reference.md",
+    f"Median wall time per training step over {args.steps} steps (after"
+    f" one warm-up step), microbatch size {MICROBATCH}, tau={TAU}, SGD"
+    f" lr={LR} momentum={MOMENTUM}; torch {torch.__version__} (CPU),"
+    f" gradient-agreement-filtering 0.1.3, jax {jax.__version__},"
+    f" {os.cpu_count()} CPU cores, torch threads {args.torch_threads}.\n"
+    f"`PYTHONPATH=. /work/venv-torch/bin/python"
+    f" benchmarks/vs_reference.py`\n\n{table}\n",
+  )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,20 @@ import sys
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--cpu-devices", type=int, default=8,
-                 help="simulated devices when the backend is the CPU")
-  p.add_argument("--multihost", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host)")
-  p.add_argument("--n-local", type=int, default=2,
-                 help="microbatches per device")
+  p.add_argument(
+    "--cpu-devices",
+    type=int,
+    default=8,
+    help="simulated devices when the backend is the CPU",
+  )
+  p.add_argument(
+    "--multihost",
+    action="store_true",
+    help="call jax.distributed.initialize() (multi-host)",
+  )
+  p.add_argument(
+    "--n-local", type=int, default=2, help="microbatches per device"
+  )
   p.add_argument("--microbatch-size", type=int, default=16)
   p.add_argument("--tau", type=float, default=0.95)
   p.add_argument("--label-noise", type=float, default=0.4)
@@ -78,13 +86,13 @@ def train(args, progress=True):
   digits = load_digits()
   x = (digits.data / 16.0).astype(np.float32)
   x_train, x_test, y_train, y_test = train_test_split(
-      x, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
+    x, digits.target, test_size=0.25, random_state=0, stratify=digits.target
+  )
   rng = np.random.default_rng(args.seed)
   noisy = rng.random(len(y_train)) < args.label_noise
   y_noisy = np.where(noisy, rng.integers(0, 10, len(y_train)), y_train)
 
   class MLP(nnx.Module):
-
     def __init__(self, rngs):
       self.hidden = nnx.Linear(64, 128, rngs=rngs)
       self.out = nnx.Linear(128, 10, rngs=rngs)
@@ -97,28 +105,37 @@ def train(args, progress=True):
   def loss_fn(params, batch):
     logits = nnx.merge(graphdef, params)(batch["x"])
     return optax.softmax_cross_entropy_with_integer_labels(
-        logits, batch["y"]).mean()
+      logits, batch["y"]
+    ).mean()
 
   # process() skips adam entirely on a no-agreement step.
   tx = aggregating.process(
-      optax.identity(),
-      optax_gaf.gaf(args.tau, axis_name="data", num_microbatches=n_global),
-      optax.adam(args.lr))
+    optax.identity(),
+    optax_gaf.gaf(args.tau, axis_name="data", num_microbatches=n_global),
+    optax.adam(args.lr),
+  )
   # Replicated from the start, as train_step returns them: one compilation.
   params, opt_state = jax.device_put(
-      (params, tx.init(params)), NamedSharding(mesh, P()))
+    (params, tx.init(params)), NamedSharding(mesh, P())
+  )
   grad_fn = optax_gaf.microbatch_grads(loss_fn, args.n_local)
 
   @jax.jit
   @functools.partial(
-      jax.shard_map, mesh=mesh,
-      in_specs=(P(), P(), P("data")), out_specs=(P(), P(), P()))
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), P(), P("data")),
+    out_specs=(P(), P(), P()),
+  )
   def train_step(params, opt_state, batch):
     # Here batch is this device's shard: n_local microbatches of it.
     losses, grads = grad_fn(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state,
-            lax.pmean(losses.mean(), "data"))
+    return (
+      optax.apply_updates(params, updates),
+      opt_state,
+      lax.pmean(losses.mean(), "data"),
+    )
 
   @jax.jit
   def accuracy(params, x, y):
@@ -131,10 +148,12 @@ def train(args, progress=True):
 
   def global_batch(step):
     idx = np.random.default_rng((args.seed, step)).choice(
-        len(x_train), batch_size, replace=False)[first:first + rows]
+      len(x_train), batch_size, replace=False
+    )[first : first + rows]
     local = {"x": x_train[idx], "y": y_noisy[idx].astype(np.int32)}
     return jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(sharding, a), local)
+      lambda a: jax.make_array_from_process_local_data(sharding, a), local
+    )
 
   logs = {"loss": [], "acceptance_rate": [], "ready": []}
   for step in tqdm.trange(args.steps, desc="train", disable=not progress):
@@ -153,13 +172,17 @@ def main():
   args = parse_args()
   logs = train(args)
   steps = len(logs["loss"])
-  print(f"{logs['num_devices']} devices x {args.n_local} microbatches of"
-        f" {args.microbatch_size} (N = {logs['num_microbatches']}),"
-        f" tau = {args.tau}, label noise {args.label_noise:.0%}")
-  print(f"mean acceptance rate {sum(logs['acceptance_rate']) / steps:.2f},"
-        f" skipped steps {steps - sum(logs['ready'])} / {steps},"
-        f" final train loss {logs['loss'][-1]:.3f},"
-        f" test accuracy {logs['test_accuracy']:.3f}")
+  print(
+    f"{logs['num_devices']} devices x {args.n_local} microbatches of"
+    f" {args.microbatch_size} (N = {logs['num_microbatches']}),"
+    f" tau = {args.tau}, label noise {args.label_noise:.0%}"
+  )
+  print(
+    f"mean acceptance rate {sum(logs['acceptance_rate']) / steps:.2f},"
+    f" skipped steps {steps - sum(logs['ready'])} / {steps},"
+    f" final train loss {logs['loss'][-1]:.3f},"
+    f" test accuracy {logs['test_accuracy']:.3f}"
+  )
 
 
 if __name__ == "__main__":

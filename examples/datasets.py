@@ -51,9 +51,9 @@ class Dataset(NamedTuple):
 
 # Label features of the TFDS builders: name -> (label feature choices, clean).
 TFDS_LABELS = {
-    "cifar100": (("label",), "label"),
-    "cifar100_n": (("noise_label",), "label"),
-    "cifar10_n": (("worse_label", "aggre_label", "random_label1"), "label"),
+  "cifar100": (("label",), "label"),
+  "cifar100_n": (("noise_label",), "label"),
+  "cifar10_n": (("worse_label", "aggre_label", "random_label1"), "label"),
 }
 
 
@@ -78,13 +78,12 @@ def load_digits(val_size: int = 497, split_seed: int = 0) -> Dataset:
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   y = digits.target.astype(np.int32)
   tr_x, va_x, tr_y, va_y = model_selection.train_test_split(
-      x, y, test_size=val_size, stratify=y, random_state=split_seed)
+    x, y, test_size=val_size, stratify=y, random_state=split_seed
+  )
   return Dataset(tr_x, tr_y, tr_y.copy(), va_x, va_y, 10)
 
 
-def symmetric_label_noise(
-    dataset: Dataset, rate: float, seed: int
-) -> Dataset:
+def symmetric_label_noise(dataset: Dataset, rate: float, seed: int) -> Dataset:
   """Relabels exactly ``round(rate * n_train)`` training examples.
 
   Each chosen example gets a label drawn uniformly from the classes other
@@ -121,13 +120,13 @@ def random_labels(dataset: Dataset, seed: int) -> Dataset:
 
 
 def class_balanced_microbatches(
-    labels: np.ndarray,
-    num_classes: int,
-    *,
-    num_steps: int,
-    num_microbatches: int,
-    per_class: int,
-    seed: int,
+  labels: np.ndarray,
+  num_classes: int,
+  *,
+  num_steps: int,
+  num_microbatches: int,
+  per_class: int,
+  seed: int,
 ) -> np.ndarray:
   """Indices of class-balanced microbatches for every step.
 
@@ -150,8 +149,9 @@ def class_balanced_microbatches(
   labels = np.asarray(labels)
   if per_class < 1 or num_microbatches < 1 or num_steps < 0:
     raise ValueError(
-        "per_class and num_microbatches must be >= 1 and num_steps >= 0; got"
-        f" {per_class}, {num_microbatches}, {num_steps}.")
+      "per_class and num_microbatches must be >= 1 and num_steps >= 0; got"
+      f" {per_class}, {num_microbatches}, {num_steps}."
+    )
   rng = np.random.default_rng(seed)
   need = num_steps * num_microbatches * per_class
   columns = []
@@ -159,26 +159,31 @@ def class_balanced_microbatches(
     pool = np.flatnonzero(labels == c)
     if len(pool) < per_class:
       raise ValueError(
-          f"Class {c} has {len(pool)} examples, fewer than per_class="
-          f"{per_class}; class-balanced microbatches are impossible.")
+        f"Class {c} has {len(pool)} examples, fewer than per_class="
+        f"{per_class}; class-balanced microbatches are impossible."
+      )
     reps = -(-need // len(pool))  # ceil
     stream = np.concatenate([rng.permutation(pool) for _ in range(reps)])
     columns.append(
-        stream[:need].reshape(num_steps, num_microbatches, per_class))
+      stream[:need].reshape(num_steps, num_microbatches, per_class)
+    )
   idx = np.concatenate(columns, axis=-1)  # [S, N, C * per_class], by class
   # Shuffle within each microbatch (order is irrelevant to the mean loss but
   # keeps the batches looking like ordinary ones).
-  idx = np.take_along_axis(idx, rng.permuted(
-      np.broadcast_to(np.arange(idx.shape[-1]), idx.shape), axis=-1), axis=-1)
+  idx = np.take_along_axis(
+    idx,
+    rng.permuted(np.broadcast_to(np.arange(idx.shape[-1]), idx.shape), axis=-1),
+    axis=-1,
+  )
   return idx.astype(np.int32)
 
 
 def load_tfds(
-    name: str,
-    *,
-    label_key: str | None = None,
-    data_dir: str | None = None,
-    download: bool = True,
+  name: str,
+  *,
+  label_key: str | None = None,
+  data_dir: str | None = None,
+  download: bool = True,
 ) -> Dataset:
   """Loads a CIFAR dataset through ``tfds.data_source`` into memory.
 
@@ -200,13 +205,15 @@ def load_tfds(
   import tensorflow_datasets as tfds
 
   if name not in TFDS_LABELS:
-    raise ValueError(f"Unknown TFDS dataset {name!r}; choose one of"
-                     f" {sorted(TFDS_LABELS)}.")
+    raise ValueError(
+      f"Unknown TFDS dataset {name!r}; choose one of {sorted(TFDS_LABELS)}."
+    )
   choices, clean_key = TFDS_LABELS[name]
   label_key = label_key or choices[0]
   if label_key not in choices:
     raise ValueError(
-        f"{name} has no label feature {label_key!r}; choose one of {choices}.")
+      f"{name} has no label feature {label_key!r}; choose one of {choices}."
+    )
   builder_kwargs = {"file_format": "array_record"}  # data_source reads these
   builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
   if download and not builder.is_prepared():
@@ -215,18 +222,29 @@ def load_tfds(
     _check_manual_files(builder)
   try:
     splits = tfds.data_source(
-        name, split=["train", "test"], data_dir=data_dir, download=download,
-        builder_kwargs=builder_kwargs)
+      name,
+      split=["train", "test"],
+      data_dir=data_dir,
+      download=download,
+      builder_kwargs=builder_kwargs,
+    )
   except ModuleNotFoundError as e:
     if "tensorflow" not in str(e):
       raise
     raise ModuleNotFoundError(
-        f"Preparing {name} with TFDS needs TensorFlow (only once; reading"
-        ' does not): pip install -e ".[cifar]"') from e
+      f"Preparing {name} with TFDS needs TensorFlow (only once; reading"
+      ' does not): pip install -e ".[cifar]"'
+    ) from e
   train, test = (_to_arrays(s, (label_key, clean_key)) for s in splits)
   num_classes = builder.info.features[clean_key].num_classes
-  return Dataset(train["image"], train[label_key], train[clean_key],
-                 test["image"], test[clean_key], num_classes)
+  return Dataset(
+    train["image"],
+    train[label_key],
+    train[clean_key],
+    test["image"],
+    test[clean_key],
+    num_classes,
+  )
 
 
 def manual_dir(builder) -> str:
@@ -240,24 +258,29 @@ def _check_manual_files(builder) -> None:
   if not instructions:
     return
   cifar_info = getattr(builder, "_cifar_info", None)
-  wanted = [] if cifar_info is None else [
-      cifar_info.human_label_path, cifar_info.annotations_order_path]
+  wanted = (
+    []
+    if cifar_info is None
+    else [cifar_info.human_label_path, cifar_info.annotations_order_path]
+  )
   if getattr(cifar_info, "side_info_path", None):
     wanted.append(cifar_info.side_info_path)
   folder = manual_dir(builder)
   missing = [f for f in wanted if not os.path.exists(os.path.join(folder, f))]
   if missing or not os.path.isdir(folder):
     raise ManualDownloadError(
-        f"{builder.name} needs a manual download: {missing or 'files'} not"
-        f" found in {folder}. TFDS's instructions:\n{instructions}\nPlace the"
-        f" files in {folder} and run again.")
+      f"{builder.name} needs a manual download: {missing or 'files'} not"
+      f" found in {folder}. TFDS's instructions:\n{instructions}\nPlace the"
+      f" files in {folder} and run again."
+    )
 
 
 def _to_arrays(source, label_keys) -> dict[str, np.ndarray]:
   """Reads a data source into ``image`` uint8 and int32 label arrays."""
   examples = [source[i] for i in range(len(source))]
-  out = {"image": np.stack([np.asarray(e["image"], np.uint8)
-                            for e in examples])}
+  out = {
+    "image": np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+  }
   for key in dict.fromkeys(label_keys):
     out[key] = np.asarray([e[key] for e in examples], np.int32)
   return out

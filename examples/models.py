@@ -20,8 +20,14 @@ from flax import nnx
 class MLP(nnx.Module):
   """``in -> hidden -> hidden -> classes`` with ReLU."""
 
-  def __init__(self, in_features: int, num_classes: int, *, hidden: int = 256,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    num_classes: int,
+    *,
+    hidden: int = 256,
+    rngs: nnx.Rngs,
+  ):
     self.l1 = nnx.Linear(in_features, hidden, rngs=rngs)
     self.l2 = nnx.Linear(hidden, hidden, rngs=rngs)
     self.out = nnx.Linear(hidden, num_classes, rngs=rngs)
@@ -36,8 +42,9 @@ class MLP(nnx.Module):
 class SmallCNN(nnx.Module):
   """Two 3x3 convolutions, global average pooling, a linear head."""
 
-  def __init__(self, in_channels: int, num_classes: int, *, width: int = 32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, in_channels: int, num_classes: int, *, width: int = 32, rngs: nnx.Rngs
+  ):
     self.c1 = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
     self.c2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
     self.out = nnx.Linear(2 * width, num_classes, rngs=rngs)
@@ -52,14 +59,16 @@ class BasicBlock(nnx.Module):
   """ResNet basic block: two 3x3 conv-BN, identity or 1x1 shortcut."""
 
   def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False,
-                          rngs=rngs)
+    self.conv1 = nnx.Conv(
+      cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs
+    )
     self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
     self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
     self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
     if stride != 1 or cin != cout:
-      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False,
-                           rngs=rngs)
+      self.proj = nnx.Conv(
+        cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs
+      )
       self.proj_bn = nnx.BatchNorm(cout, rngs=rngs)
     else:
       self.proj = None
@@ -79,17 +88,19 @@ class ResNet18(nnx.Module):
   tests use a narrow one to run the real code path in seconds.
   """
 
-  def __init__(self, in_channels: int, num_classes: int, *, width: int = 64,
-               rngs: nnx.Rngs):
-    self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False,
-                         rngs=rngs)
+  def __init__(
+    self, in_channels: int, num_classes: int, *, width: int = 64, rngs: nnx.Rngs
+  ):
+    self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, rngs=rngs)
     self.stem_bn = nnx.BatchNorm(width, rngs=rngs)
     blocks = []
     cin = width
     for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
       cout = mult * width
-      blocks += [BasicBlock(cin, cout, stride, rngs=rngs),
-                 BasicBlock(cout, cout, 1, rngs=rngs)]
+      blocks += [
+        BasicBlock(cin, cout, stride, rngs=rngs),
+        BasicBlock(cout, cout, 1, rngs=rngs),
+      ]
       cin = cout
     self.blocks = nnx.List(blocks)
     self.head = nnx.Linear(cin, num_classes, rngs=rngs)
@@ -104,8 +115,9 @@ class ResNet18(nnx.Module):
 MODELS = {"mlp": MLP, "cnn": SmallCNN, "resnet18": ResNet18}
 
 
-def make_model(name: str, in_shape: tuple[int, ...], num_classes: int,
-               seed: int) -> nnx.Module:
+def make_model(
+  name: str, in_shape: tuple[int, ...], num_classes: int, seed: int
+) -> nnx.Module:
   """Builds ``MODELS[name]`` for images of shape ``in_shape`` (H, W, C)."""
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")

@@ -19,7 +19,9 @@ The loop keeps GAF's semantics visible:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,29 +34,37 @@ import optax_gaf
 
 # name -> (tau, num_microbatches) -> Aggregator. Add a rule with one line.
 METHODS: dict[str, Callable[[float, int], Any]] = {
-    "average": lambda tau, n: aggregating.average_per_element_updates(),
-    "gaf-sequential": lambda tau, n: optax_gaf.gaf(
-        tau, rule="sequential", num_microbatches=n),
-    "gaf-pairwise": lambda tau, n: optax_gaf.gaf(
-        tau, rule="pairwise", num_microbatches=n),
-    # Rules beyond the paper (README "Rules beyond the paper").
-    "gaf-medoid": lambda tau, n: optax_gaf.gaf(
-        tau, rule="medoid", num_microbatches=n),
-    "gaf-soft": lambda tau, n: optax_gaf.gaf(
-        tau, rule="soft", temperature=0.05, num_microbatches=n),
-    "gaf-per-leaf": lambda tau, n: optax_gaf.gaf(
-        tau, granularity="per_leaf", num_microbatches=n),
-    "gaf-adaptive": lambda tau, n: optax_gaf.gaf(
-        tau, adaptive_tau=optax_gaf.AdaptiveTau(k=1.0, history=256),
-        num_microbatches=n),
-    # Not GAF: tau is unused.
-    "and-mask": lambda tau, n: optax_gaf.and_mask(1.0),
-    "adacons": lambda tau, n: optax_gaf.adacons(0.9, num_microbatches=n),
+  "average": lambda tau, n: aggregating.average_per_element_updates(),
+  "gaf-sequential": lambda tau, n: optax_gaf.gaf(
+    tau, rule="sequential", num_microbatches=n
+  ),
+  "gaf-pairwise": lambda tau, n: optax_gaf.gaf(
+    tau, rule="pairwise", num_microbatches=n
+  ),
+  # Rules beyond the paper (README "Rules beyond the paper").
+  "gaf-medoid": lambda tau, n: optax_gaf.gaf(
+    tau, rule="medoid", num_microbatches=n
+  ),
+  "gaf-soft": lambda tau, n: optax_gaf.gaf(
+    tau, rule="soft", temperature=0.05, num_microbatches=n
+  ),
+  "gaf-per-leaf": lambda tau, n: optax_gaf.gaf(
+    tau, granularity="per_leaf", num_microbatches=n
+  ),
+  "gaf-adaptive": lambda tau, n: optax_gaf.gaf(
+    tau,
+    adaptive_tau=optax_gaf.AdaptiveTau(k=1.0, history=256),
+    num_microbatches=n,
+  ),
+  # Not GAF: tau is unused.
+  "and-mask": lambda tau, n: optax_gaf.and_mask(1.0),
+  "adacons": lambda tau, n: optax_gaf.adacons(0.9, num_microbatches=n),
 }
 
 
-def make_inner(name: str, lr: float | optax.Schedule,
-               weight_decay: float = 5e-4) -> optax.GradientTransformation:
+def make_inner(
+  name: str, lr: float | optax.Schedule, weight_decay: float = 5e-4
+) -> optax.GradientTransformation:
   """``sgd`` (momentum 0.9) or ``adamw``: the optimizer after aggregation."""
   if name == "sgd":
     return optax.sgd(lr, momentum=0.9)
@@ -63,14 +73,21 @@ def make_inner(name: str, lr: float | optax.Schedule,
   raise ValueError(f"Unknown optimizer {name!r}; choose 'sgd' or 'adamw'.")
 
 
-def make_tx(method: str, *, tau: float, num_microbatches: int,
-            inner: optax.GradientTransformation):
+def make_tx(
+  method: str,
+  *,
+  tau: float,
+  num_microbatches: int,
+  inner: optax.GradientTransformation,
+):
   """``process(identity, METHODS[method], inner)``: a true skip for GAF."""
   if method not in METHODS:
     raise ValueError(
-        f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
+      f"Unknown method {method!r}; choose one of {sorted(METHODS)}."
+    )
   return aggregating.process(
-      optax.identity(), METHODS[method](tau, num_microbatches), inner)
+    optax.identity(), METHODS[method](tau, num_microbatches), inner
+  )
 
 
 class StepMetrics(NamedTuple):
@@ -84,12 +101,16 @@ class StepMetrics(NamedTuple):
 def _cross_entropy(model, batch):
   logits = model(batch["x"])
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch["y"]).mean()
+    logits, batch["y"]
+  ).mean()
 
 
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
-               batch: dict[str, jax.Array], num_microbatches: int
-               ) -> StepMetrics:
+def train_step(
+  model: nnx.Module,
+  optimizer: nnx.Optimizer,
+  batch: dict[str, jax.Array],
+  num_microbatches: int,
+) -> StepMetrics:
   """One optimizer step on ``batch`` split into ``num_microbatches``."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -100,7 +121,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
     return loss, nnx.state(m, nnx.Not(nnx.Param))  # e.g. BatchNorm stats
 
   (losses, rests), grads = optax_gaf.microbatch_grads(
-      loss_fn, num_microbatches, has_aux=True)(params, batch)
+    loss_fn, num_microbatches, has_aux=True
+  )(params, batch)
   # Running statistics: the mean over microbatches (workers).
   nnx.update(model, jax.tree.map(lambda r: jnp.mean(r, 0), rests))
   optimizer.update(model, grads)
@@ -124,9 +146,14 @@ class Trainer(NamedTuple):
   step: Callable[..., Any]
 
 
-def build(model: nnx.Module, tx, *, num_microbatches: int, train_x,
-          augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
-          ) -> tuple[Trainer, Any]:
+def build(
+  model: nnx.Module,
+  tx,
+  *,
+  num_microbatches: int,
+  train_x,
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[Trainer, Any]:
   """Wraps ``model`` and ``nnx.Optimizer(model, tx)`` into pure functions.
 
   Args:
@@ -158,25 +185,27 @@ def build(model: nnx.Module, tx, *, num_microbatches: int, train_x,
     if augment is not None:
       x = augment(step_key, x)
     model, optimizer = nnx.merge(graphdef, state)
-    metrics = train_step(model, optimizer, {"x": x, "y": labels[flat]},
-                         num_microbatches)
+    metrics = train_step(
+      model, optimizer, {"x": x, "y": labels[flat]}, num_microbatches
+    )
     return nnx.state((model, optimizer)), metrics
 
   def run_chunk(state, idx, labels, key):
     keys = jax.random.split(key, idx.shape[0])
-    return jax.lax.scan(lambda s, inputs: step(s, inputs, labels), state,
-                        (idx, keys))
+    return jax.lax.scan(
+      lambda s, inputs: step(s, inputs, labels), state, (idx, keys)
+    )
 
   def accuracy(state, x, y, weights, batch_size: int = 1000):
     """Weighted accuracy of argmax predictions, in batches."""
     model, _ = nnx.merge(eval_graphdef, state)
     correct = []
     for start in range(0, x.shape[0], batch_size):
-      xb = x[start:start + batch_size]
+      xb = x[start : start + batch_size]
       if xb.dtype == jnp.uint8:
         xb = xb.astype(jnp.float32) / 255.0
       pred = jnp.argmax(model(xb), -1)
-      correct.append(pred == y[start:start + batch_size])
+      correct.append(pred == y[start : start + batch_size])
     correct = jnp.concatenate(correct).astype(jnp.float32)
     return jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -205,8 +234,9 @@ def use_stepwise(model_name: str, backend: str | None = None) -> bool:
 
 def chunks(num_steps: int, eval_every: int) -> list[tuple[int, int]]:
   """``[(start, stop), ...]`` covering ``range(num_steps)``."""
-  return [(s, min(s + eval_every, num_steps))
-          for s in range(0, num_steps, eval_every)]
+  return [
+    (s, min(s + eval_every, num_steps)) for s in range(0, num_steps, eval_every)
+  ]
 
 
 def flip_crop(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
@@ -215,18 +245,20 @@ def flip_crop(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
   k1, k2 = jax.random.split(key)
   flip = jax.random.bernoulli(k1, 0.5, (b,))
   x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
-                   mode="reflect")
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
   offsets = jax.random.randint(k2, (b, 2), 0, 2 * pad + 1)
-  return jax.vmap(lambda im, o: jax.lax.dynamic_slice(
-      im, (o[0], o[1], 0), (h, w, im.shape[-1])))(padded, offsets)
+  return jax.vmap(
+    lambda im, o: jax.lax.dynamic_slice(
+      im, (o[0], o[1], 0), (h, w, im.shape[-1])
+    )
+  )(padded, offsets)
 
 
 def summarize_metrics(metrics: StepMetrics) -> dict[str, float]:
   """Means over a chunk of steps."""
   m = jax.tree.map(np.asarray, metrics)
   return {
-      "loss": float(np.mean(m.loss)),
-      "acceptance_rate": float(np.mean(m.acceptance_rate)),
-      "skip_rate": float(1.0 - np.mean(m.ready)),
+    "loss": float(np.mean(m.loss)),
+    "acceptance_rate": float(np.mean(m.acceptance_rate)),
+    "skip_rate": float(1.0 - np.mean(m.ready)),
   }

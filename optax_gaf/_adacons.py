@@ -43,8 +43,7 @@ class AdaConsState(NamedTuple):
   gradient_diversity: jax.Array
 
 
-def consensus_weights(gram, usable, sorted_momentum, first, momentum,
-                      rescale):
+def consensus_weights(gram, usable, sorted_momentum, first, momentum, rescale):
   """AdaCons from the sanitized Gram matrix.
 
   Returns ``(weights [N], ready, coefficients [N], new sorted_momentum)``; the
@@ -59,8 +58,10 @@ def consensus_weights(gram, usable, sorted_momentum, first, momentum,
   sorted_raw = raw[order]
   if sorted_momentum is not None:
     sorted_raw = jnp.where(
-        first, sorted_raw,
-        momentum * sorted_momentum + (1.0 - momentum) * sorted_raw)
+      first,
+      sorted_raw,
+      momentum * sorted_momentum + (1.0 - momentum) * sorted_raw,
+    )
   # Give back to the microgradient of rank k the k-th averaged coefficient.
   alpha = jnp.zeros_like(raw).at[order].set(sorted_raw)
   alpha = jnp.where(usable, alpha, 0.0)
@@ -72,20 +73,20 @@ def consensus_weights(gram, usable, sorted_momentum, first, momentum,
     # The direction sum_i alpha_i g_i / ||g_i|| gets the plain mean's length.
     sq_dir = weights @ gram @ weights
     sq_mean = jnp.sum(gram) / n_ok**2
-    scale = jnp.where(sq_dir > 0,
-                      jnp.sqrt(sq_mean / jnp.where(sq_dir > 0, sq_dir, 1.0)),
-                      0.0)
+    scale = jnp.where(
+      sq_dir > 0, jnp.sqrt(sq_mean / jnp.where(sq_dir > 0, sq_dir, 1.0)), 0.0
+    )
     weights = weights * scale
   return weights.astype(jnp.float32), ready, alpha, sorted_raw
 
 
 def adacons(
-    momentum: float = 0.0,
-    *,
-    num_microbatches: int | None = None,
-    rescale: bool = True,
-    axis_name: _collectives.AxisName | None = None,
-    collective: str = "all_to_all",
+  momentum: float = 0.0,
+  *,
+  num_microbatches: int | None = None,
+  rescale: bool = True,
+  axis_name: _collectives.AxisName | None = None,
+  collective: str = "all_to_all",
 ) -> aggregating.Aggregator:
   r"""Adaptive consensus gradient aggregation (AdaCons).
 
@@ -148,46 +149,55 @@ def adacons(
     raise ValueError(f"momentum must lie in [0, 1); got {momentum}.")
   if num_microbatches is not None:
     num_microbatches = _aggregator._static_int(  # pylint: disable=protected-access
-        num_microbatches, "num_microbatches")
+      num_microbatches, "num_microbatches"
+    )
     if num_microbatches < 1:
       raise ValueError(
-          f"num_microbatches must be >= 1; got {num_microbatches}.")
+        f"num_microbatches must be >= 1; got {num_microbatches}."
+      )
   elif momentum > 0:
     raise ValueError(
-        "adacons(momentum > 0) keeps the sorted coefficients in the state and"
-        " needs num_microbatches=N to fix their shape.")
+      "adacons(momentum > 0) keeps the sorted coefficients in the state and"
+      " needs num_microbatches=N to fix their shape."
+    )
   n_state = num_microbatches or 0
   placement = _collectives.make_placement(axis_name, collective)
 
   def init_fn(params):
     del params
     return AdaConsState(
-        count=jnp.zeros([], jnp.int32),
-        ready=jnp.ones([], bool),
-        coefficients=jnp.zeros([n_state], jnp.float32),
-        sorted_momentum=jnp.zeros([n_state], jnp.float32),
-        skipped_steps=jnp.zeros([], jnp.int32),
-        gradient_diversity=jnp.zeros([], jnp.float32),
+      count=jnp.zeros([], jnp.int32),
+      ready=jnp.ones([], bool),
+      coefficients=jnp.zeros([n_state], jnp.float32),
+      sorted_momentum=jnp.zeros([n_state], jnp.float32),
+      skipped_steps=jnp.zeros([], jnp.int32),
+      gradient_diversity=jnp.zeros([], jnp.float32),
     )
 
   def update_fn(grads, state, params=None):
     leaves, treedef, n, gram, usable = _aggregator.gram_stage(
-        grads, params, placement)
+      grads, params, placement
+    )
     if num_microbatches is not None and n != num_microbatches:
       raise ValueError(
-          f"adacons(num_microbatches={num_microbatches}) got {n}"
-          " microgradients.")
+        f"adacons(num_microbatches={num_microbatches}) got {n} microgradients."
+      )
     weights, ready, alpha, sorted_m = consensus_weights(
-        gram, usable, state.sorted_momentum if momentum > 0 else None,
-        state.count == 0, momentum, rescale)
+      gram,
+      usable,
+      state.sorted_momentum if momentum > 0 else None,
+      state.count == 0,
+      momentum,
+      rescale,
+    )
     updates = treedef.unflatten(placement.combine(leaves, weights, usable))
     new_state = AdaConsState(
-        count=optax.safe_increment(state.count),
-        ready=ready,
-        coefficients=alpha if n_state else state.coefficients,
-        sorted_momentum=sorted_m if n_state else state.sorted_momentum,
-        skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
-        gradient_diversity=_statistics.gradient_diversity(gram),
+      count=optax.safe_increment(state.count),
+      ready=ready,
+      coefficients=alpha if n_state else state.coefficients,
+      sorted_momentum=sorted_m if n_state else state.sorted_momentum,
+      skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
+      gradient_diversity=_statistics.gradient_diversity(gram),
     )
     return updates, new_state
 

@@ -1,9 +1,9 @@
 """``gaf()``: the three stages wired into an Optax aggregator."""
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,14 +62,17 @@ def _check_tau(tau: Any) -> None:
   """Raises on a concrete tau outside [0, 2]; traced values pass through."""
   try:
     value = np.asarray(tau, dtype=np.float64)
-  except (TypeError, jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
+  except (
+    TypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.ConcretizationTypeError,
+  ):
     return  # a tracer (e.g. inside inject_hyperparams under jit)
   if value.shape != ():
     raise ValueError(f"tau must be a scalar, got shape {value.shape}.")
   if not 0.0 <= float(value) <= 2.0:
     raise ValueError(
-        f"tau is a cosine distance threshold and must lie in [0, 2]; got {tau}."
+      f"tau is a cosine distance threshold and must lie in [0, 2]; got {tau}."
     )
 
 
@@ -78,8 +81,8 @@ def _static_int(value: Any, name: str) -> int:
     return int(value)
   except jax.errors.ConcretizationTypeError as e:
     raise TypeError(
-        f"{name} sets the state's shapes and must be a static Python int. With"
-        f" optax.inject_hyperparams, pass static_args=('{name}',)."
+      f"{name} sets the state's shapes and must be a static Python int. With"
+      f" optax.inject_hyperparams, pass static_args=('{name}',)."
     ) from e
 
 
@@ -97,27 +100,27 @@ def check_microgradients(grads, params=None) -> int:
     name = jax.tree_util.keystr(path) or "<root>"
     if jnp.ndim(x) < 1:
       raise ValueError(
-          f"Microgradient leaf {name} is a scalar; every leaf needs a leading"
-          " microbatch axis [N, ...]. Did you pass an averaged gradient?"
+        f"Microgradient leaf {name} is a scalar; every leaf needs a leading"
+        " microbatch axis [N, ...]. Did you pass an averaged gradient?"
       )
     sizes[name] = jnp.shape(x)[0]
   if len(set(sizes.values())) > 1:
     raise ValueError(
-        f"Microgradient leaves disagree on the leading microbatch axis: {sizes}."
+      f"Microgradient leaves disagree on the leading microbatch axis: {sizes}."
     )
   if params is not None:
     if jax.tree.structure(params) != jax.tree.structure(grads):
       raise ValueError(
-          "The microgradients and params have different tree structures:"
-          f" {jax.tree.structure(grads)} vs {jax.tree.structure(params)}."
+        "The microgradients and params have different tree structures:"
+        f" {jax.tree.structure(grads)} vs {jax.tree.structure(params)}."
       )
     for (path, g), p in zip(path_leaves, jax.tree.leaves(params)):
       if jnp.shape(g)[1:] != jnp.shape(p):
         raise ValueError(
-            f"Microgradient leaf {jax.tree_util.keystr(path)} has shape"
-            f" {jnp.shape(g)}, so its trailing shape {jnp.shape(g)[1:]} does"
-            f" not match the parameter's shape {jnp.shape(p)}. Leaves must be"
-            " [N, *param.shape]."
+          f"Microgradient leaf {jax.tree_util.keystr(path)} has shape"
+          f" {jnp.shape(g)}, so its trailing shape {jnp.shape(g)[1:]} does"
+          f" not match the parameter's shape {jnp.shape(p)}. Leaves must be"
+          " [N, *param.shape]."
         )
   return next(iter(sizes.values()))
 
@@ -134,7 +137,8 @@ def gram_stage(grads, params, placement, per_leaf=False):
   n = placement.num_microgradients(n_local)
   leaves, treedef = jax.tree.flatten(grads)
   gram, usable = _statistics.sanitized(
-      placement.gram(leaves, per_leaf=per_leaf))
+    placement.gram(leaves, per_leaf=per_leaf)
+  )
   return leaves, treedef, n, gram, usable
 
 
@@ -144,28 +148,30 @@ def _check_adaptive_tau(adaptive_tau) -> int:
     return 0
   if not isinstance(adaptive_tau, _rules.AdaptiveTau):
     raise TypeError(
-        "adaptive_tau must be an optax_gaf.AdaptiveTau(k, history, min_count);"
-        f" got {type(adaptive_tau).__name__}.")
+      "adaptive_tau must be an optax_gaf.AdaptiveTau(k, history, min_count);"
+      f" got {type(adaptive_tau).__name__}."
+    )
   history = _static_int(adaptive_tau.history, "history")
   if history < 2 or not 2 <= adaptive_tau.min_count <= history:
     raise ValueError(
-        "AdaptiveTau needs history >= 2 and 2 <= min_count <= history; got"
-        f" {adaptive_tau}.")
+      "AdaptiveTau needs history >= 2 and 2 <= min_count <= history; got"
+      f" {adaptive_tau}."
+    )
   if not np.isfinite(adaptive_tau.k):
     raise ValueError(f"AdaptiveTau.k must be finite; got {adaptive_tau.k}.")
   return history
 
 
 def gaf(
-    tau: float | optax.ScalarOrSchedule = 0.97,
-    *,
-    rule: str = "sequential",
-    num_microbatches: int | None = None,
-    axis_name: _collectives.AxisName | None = None,
-    collective: str = "all_to_all",
-    granularity: str = "global",
-    temperature: float | None = None,
-    adaptive_tau: _rules.AdaptiveTau | None = None,
+  tau: float | optax.ScalarOrSchedule = 0.97,
+  *,
+  rule: str = "sequential",
+  num_microbatches: int | None = None,
+  axis_name: _collectives.AxisName | None = None,
+  collective: str = "all_to_all",
+  granularity: str = "global",
+  temperature: float | None = None,
+  adaptive_tau: _rules.AdaptiveTau | None = None,
 ) -> aggregating.Aggregator:
   r"""Gradient Agreement Filtering: average only the microgradients that agree.
 
@@ -258,19 +264,21 @@ def gaf(
   """
   if rule not in _rules.RULES:
     raise ValueError(
-        f"Unknown GAF rule {rule!r}; choose one of {sorted(_rules.RULES)}."
+      f"Unknown GAF rule {rule!r}; choose one of {sorted(_rules.RULES)}."
     )
   rule_fn = _rules.RULES[rule]
   if temperature is not None:
     if rule != "soft":
       raise ValueError(
-          f"temperature is a parameter of rule='soft', not {rule!r}.")
+        f"temperature is a parameter of rule='soft', not {rule!r}."
+      )
     if not float(temperature) > 0:
       raise ValueError(f"temperature must be > 0; got {temperature}.")
     rule_fn = functools.partial(rule_fn, temperature=temperature)
   if granularity not in ("global", "per_leaf"):
     raise ValueError(
-        f"granularity must be 'global' or 'per_leaf'; got {granularity!r}.")
+      f"granularity must be 'global' or 'per_leaf'; got {granularity!r}."
+    )
   per_leaf = granularity == "per_leaf"
   if per_leaf:
     rule_fn = jax.vmap(rule_fn, in_axes=(0, 0, None))
@@ -283,8 +291,8 @@ def gaf(
     num_microbatches = _static_int(num_microbatches, "num_microbatches")
     if num_microbatches < 2:
       raise ValueError(
-          f"GAF compares microgradients and needs num_microbatches >= 2; got"
-          f" {num_microbatches}."
+        f"GAF compares microgradients and needs num_microbatches >= 2; got"
+        f" {num_microbatches}."
       )
   n_state = 0 if num_microbatches is None else num_microbatches
   placement = _collectives.make_placement(axis_name, collective)
@@ -293,21 +301,22 @@ def gaf(
     n_leaves = len(jax.tree.leaves(params)) if per_leaf else 0
     if per_leaf and not n_leaves:
       raise ValueError(
-          "gaf(granularity='per_leaf') sizes its per-leaf statistics from the"
-          " params: pass them to init (got no leaves).")
+        "gaf(granularity='per_leaf') sizes its per-leaf statistics from the"
+        " params: pass them to init (got no leaves)."
+      )
     per_n = (n_leaves, n_state) if per_leaf and n_state else (n_state,)
     return GAFState(
-        count=jnp.zeros([], jnp.int32),
-        ready=jnp.ones([], bool),
-        tau=jnp.asarray(tau(0) if callable(tau) else tau, jnp.float32),
-        num_accepted=jnp.zeros([], jnp.int32),
-        acceptance_rate=jnp.zeros([], jnp.float32),
-        accepted=jnp.zeros(per_n, bool),
-        cosine_distance=jnp.zeros(per_n, jnp.float32),
-        skipped_steps=jnp.zeros([], jnp.int32),
-        gradient_diversity=jnp.zeros([], jnp.float32),
-        leaf_acceptance_rate=jnp.zeros([n_leaves], jnp.float32),
-        tau_history=jnp.full([n_history], jnp.nan, jnp.float32),
+      count=jnp.zeros([], jnp.int32),
+      ready=jnp.ones([], bool),
+      tau=jnp.asarray(tau(0) if callable(tau) else tau, jnp.float32),
+      num_accepted=jnp.zeros([], jnp.int32),
+      acceptance_rate=jnp.zeros([], jnp.float32),
+      accepted=jnp.zeros(per_n, bool),
+      cosine_distance=jnp.zeros(per_n, jnp.float32),
+      skipped_steps=jnp.zeros([], jnp.int32),
+      gradient_diversity=jnp.zeros([], jnp.float32),
+      leaf_acceptance_rate=jnp.zeros([n_leaves], jnp.float32),
+      tau_history=jnp.full([n_history], jnp.nan, jnp.float32),
     )
 
   def update_fn(grads, state, params=None):
@@ -315,56 +324,62 @@ def gaf(
       # Filtered already, one microgradient at a time (streaming_grads).
       _check_filtered(grads)
       return grads.updates, _record(
-          state, grads, grads.tau, _streaming.gradient_diversity(grads))
+        state, grads, grads.tau, _streaming.gradient_diversity(grads)
+      )
     n_local = check_microgradients(grads, params)
     n = placement.num_microgradients(n_local)
     if n < 2:
       raise ValueError(
-          f"GAF needs at least 2 microgradients to compare; got N={n}."
+        f"GAF needs at least 2 microgradients to compare; got N={n}."
       )
     if num_microbatches is not None and n != num_microbatches:
       raise ValueError(
-          f"gaf(num_microbatches={num_microbatches}) got {n} microgradients."
+        f"gaf(num_microbatches={num_microbatches}) got {n} microgradients."
       )
-    tau_t = jnp.asarray(
-        tau(state.count) if callable(tau) else tau, jnp.float32)
+    tau_t = jnp.asarray(tau(state.count) if callable(tau) else tau, jnp.float32)
     leaves, treedef = jax.tree.flatten(grads)
 
     if adaptive_tau is not None:
       tau_t = _rules.adaptive_threshold(
-          state.tau_history, tau_t, adaptive_tau.k, adaptive_tau.min_count)
+        state.tau_history, tau_t, adaptive_tau.k, adaptive_tau.min_count
+      )
 
     if _streaming.takes_fast_path(placement, leaves, rule, per_leaf):
       # No Gram matrix: N dot products with the running aggregate.
       out = _streaming.filter_microgradients(grads, tau_t, rule)
       return out.updates, _record(
-          state, out, tau_t, _streaming.gradient_diversity(out))
+        state, out, tau_t, _streaming.gradient_diversity(out)
+      )
 
     # per_leaf: [L, N, N] Gram matrices, [L, N] usable/weights/decisions.
     gram, usable = _statistics.sanitized(
-        placement.gram(leaves, per_leaf=per_leaf))
+      placement.gram(leaves, per_leaf=per_leaf)
+    )
     out = rule_fn(gram, usable, tau_t)
     updates = treedef.unflatten(placement.combine(leaves, out.weights, usable))
     return updates, _record(
-        state, out, tau_t, _statistics.gradient_diversity(gram))
+      state, out, tau_t, _statistics.gradient_diversity(gram)
+    )
 
   def _check_filtered(filtered):
     n = filtered.accepted.shape[-1]
     if per_leaf or axis_name is not None:
       raise ValueError(
-          "FilteredGradients (streaming GAF) work with gaf()'s default"
-          " granularity='global' on one device (axis_name=None).")
+        "FilteredGradients (streaming GAF) work with gaf()'s default"
+        " granularity='global' on one device (axis_name=None)."
+      )
     if rule not in _streaming.RUNNING_RULES or adaptive_tau is not None:
       # The decisions were made upstream; these settings would be ignored.
       raise ValueError(
-          "FilteredGradients were already filtered by streaming_grads or"
-          " gaf_accumulator, with their own tau and rule; gaf(rule="
-          f"{rule!r}, adaptive_tau={adaptive_tau!r}) cannot apply here. Use"
-          f" rule in {sorted(_streaming.RUNNING_RULES)} and no adaptive_tau.")
+        "FilteredGradients were already filtered by streaming_grads or"
+        " gaf_accumulator, with their own tau and rule; gaf(rule="
+        f"{rule!r}, adaptive_tau={adaptive_tau!r}) cannot apply here. Use"
+        f" rule in {sorted(_streaming.RUNNING_RULES)} and no adaptive_tau."
+      )
     if num_microbatches is not None and n != num_microbatches:
       raise ValueError(
-          f"gaf(num_microbatches={num_microbatches}) got FilteredGradients of"
-          f" {n} microgradients."
+        f"gaf(num_microbatches={num_microbatches}) got FilteredGradients of"
+        f" {n} microgradients."
       )
 
   def _record(state, out, tau_t, diversity):
@@ -372,30 +387,40 @@ def gaf(
     ready = jnp.any(out.ready)
     num_accepted = jnp.sum(out.accepted, dtype=jnp.int32)
     return GAFState(
-        count=optax.safe_increment(state.count),
-        ready=ready,
-        tau=tau_t,
-        num_accepted=num_accepted,
-        acceptance_rate=jnp.mean(out.accepted, dtype=jnp.float32),
-        accepted=out.accepted if n_state else state.accepted,
-        cosine_distance=out.cosine_distance if n_state
-        else state.cosine_distance,
-        skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
-        gradient_diversity=diversity,
-        leaf_acceptance_rate=jnp.mean(out.accepted, axis=-1, dtype=jnp.float32)
-        if per_leaf else state.leaf_acceptance_rate,
-        tau_history=_rules.record_distances(
-            state.tau_history, out.cosine_distance)
-        if adaptive_tau is not None else state.tau_history,
+      count=optax.safe_increment(state.count),
+      ready=ready,
+      tau=tau_t,
+      num_accepted=num_accepted,
+      acceptance_rate=jnp.mean(out.accepted, dtype=jnp.float32),
+      accepted=out.accepted if n_state else state.accepted,
+      cosine_distance=out.cosine_distance if n_state else state.cosine_distance,
+      skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
+      gradient_diversity=diversity,
+      leaf_acceptance_rate=jnp.mean(out.accepted, axis=-1, dtype=jnp.float32)
+      if per_leaf
+      else state.leaf_acceptance_rate,
+      tau_history=_rules.record_distances(
+        state.tau_history, out.cosine_distance
+      )
+      if adaptive_tau is not None
+      else state.tau_history,
     )
 
   return aggregating.Aggregator(init_fn, update_fn)
 
 
 _STAT_FIELDS = (
-    "count", "ready", "tau", "num_accepted", "acceptance_rate", "accepted",
-    "cosine_distance", "skipped_steps", "gradient_diversity",
-    "leaf_acceptance_rate", "tau_history",
+  "count",
+  "ready",
+  "tau",
+  "num_accepted",
+  "acceptance_rate",
+  "accepted",
+  "cosine_distance",
+  "skipped_steps",
+  "gradient_diversity",
+  "leaf_acceptance_rate",
+  "tau_history",
 )
 
 

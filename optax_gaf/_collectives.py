@@ -32,7 +32,10 @@ instead constrains the shardings so that XLA takes the all-to-all plan above.
 """
 
 import math
-from typing import Any, Hashable, NamedTuple, Sequence
+from collections.abc import Hashable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +66,11 @@ def axis_size(axis_name: AxisName) -> int:
   """``lax.axis_size``, with an error that says what to do when unbound."""
   if not _is_bound(axis_name):
     raise ValueError(
-        f"gaf(axis_name={axis_name!r}): the axis name is not bound here. Call"
-        " the optimizer's update inside jax.shard_map over a mesh with that"
-        " axis, or inside jax.pmap(..., axis_name=...); under plain jax.jit,"
-        " enter jax.set_mesh(mesh) with a mesh that has that axis; on a single"
-        " device leave axis_name=None."
+      f"gaf(axis_name={axis_name!r}): the axis name is not bound here. Call"
+      " the optimizer's update inside jax.shard_map over a mesh with that"
+      " axis, or inside jax.pmap(..., axis_name=...); under plain jax.jit,"
+      " enter jax.set_mesh(mesh) with a mesh that has that axis; on a single"
+      " device leave axis_name=None."
     )
   return lax.axis_size(axis_name)
 
@@ -80,15 +83,22 @@ def _chunk(x: jax.Array, axis_name: AxisName, num_devices: int) -> jax.Array:
   c = max(-(-size // num_devices), 1)
   # Zero padding changes no inner product and no weighted sum.
   flat = jnp.pad(flat, ((0, 0), (0, c * num_devices - size)))
-  y = lax.all_to_all(flat.reshape(n_local, num_devices, c), axis_name,
-                     split_axis=1, concat_axis=0, tiled=True)
+  y = lax.all_to_all(
+    flat.reshape(n_local, num_devices, c),
+    axis_name,
+    split_axis=1,
+    concat_axis=0,
+    tiled=True,
+  )
   return y.reshape(num_devices * n_local, c)
 
 
-def _unchunk(part: jax.Array, like: jax.Array, axis_name: AxisName) -> jax.Array:
+def _unchunk(
+  part: jax.Array, like: jax.Array, axis_name: AxisName
+) -> jax.Array:
   """This device's combined chunk ``[C]`` -> the full, replicated update."""
   full = lax.all_gather(part, axis_name, to="invarying", tiled=True)
-  return full[:like[0].size].reshape(like.shape[1:])
+  return full[: like[0].size].reshape(like.shape[1:])
 
 
 class AllToAllPlacement(NamedTuple):
@@ -130,8 +140,10 @@ class AllGatherPlacement(NamedTuple):
     return axis_size(self.axis_name) * n_local
 
   def _gather(self, leaves):
-    return [lax.all_gather(x, self.axis_name, to="invarying", tiled=True)
-            for x in leaves]
+    return [
+      lax.all_gather(x, self.axis_name, to="invarying", tiled=True)
+      for x in leaves
+    ]
 
   def gram(self, leaves, per_leaf=False):
     return _statistics.gram(self._gather(leaves), per_leaf)
@@ -164,9 +176,9 @@ def _explicit_batch_sharding(leaves: Sequence[jax.Array]):
       found.add((sharding.mesh, _names(spec[0])))
   if len(found) > 1:
     raise ValueError(
-        "The microgradient leaves shard their microbatch axis over different"
-        f" mesh axes: {sorted(str(axes) for _, axes in found)}. Shard them all"
-        " alike."
+      "The microgradient leaves shard their microbatch axis over different"
+      f" mesh axes: {sorted(str(axes) for _, axes in found)}. Shard them all"
+      " alike."
     )
   return found.pop() if found else None
 
@@ -195,7 +207,8 @@ class MeshPlacement(NamedTuple):
     mesh = jax.sharding.get_abstract_mesh()
     mesh = self.mesh if mesh.empty else mesh
     return lax.with_sharding_constraint(
-        x, jax.sharding.NamedSharding(mesh, P(*spec)))
+      x, jax.sharding.NamedSharding(mesh, P(*spec))
+    )
 
   def _auto(self, fn, out_sharding):
     """Explicit axes: run ``fn`` with them Auto, so constraints apply."""
@@ -235,8 +248,9 @@ class MeshPlacement(NamedTuple):
       parts = _statistics.weighted_sum(self._chunks(leaves), weights, usable)
       # Sharded until here; then one all-gather per leaf.
       parts = [self._constrain(self._constrain(p, self.axes)) for p in parts]
-      return [p[:x[0].size].reshape(x.shape[1:])
-              for p, x in zip(parts, leaves)]
+      return [
+        p[: x[0].size].reshape(x.shape[1:]) for p, x in zip(parts, leaves)
+      ]
 
     return self._auto(fn, [P()] * len(leaves))(leaves, weights, usable)
 
@@ -288,7 +302,7 @@ class Placement(NamedTuple):
 
 
 def make_placement(
-    axis_name: AxisName | None = None, collective: str = "all_to_all"
+  axis_name: AxisName | None = None, collective: str = "all_to_all"
 ) -> Placement:
   """Returns where stages 1 and 3 of an aggregator run.
 
@@ -331,14 +345,14 @@ def make_placement(
   """
   if collective not in COLLECTIVES:
     raise ValueError(
-        f"Unknown collective {collective!r}; choose one of {COLLECTIVES}."
+      f"Unknown collective {collective!r}; choose one of {COLLECTIVES}."
     )
   if axis_name is not None:
     try:
       hash(axis_name)
     except TypeError as e:
       raise TypeError(
-          f"axis_name must be a mesh axis name or a tuple of names; got"
-          f" {axis_name!r}."
+        f"axis_name must be a mesh axis name or a tuple of names; got"
+        f" {axis_name!r}."
       ) from e
   return Placement(axis_name, collective)

@@ -1,6 +1,7 @@
 """Per-microbatch losses and gradients, the input that ``gaf`` expects."""
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -13,7 +14,7 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
   """
   if not isinstance(num_microbatches, int) or num_microbatches < 1:
     raise ValueError(
-        f"num_microbatches must be a positive int; got {num_microbatches!r}."
+      f"num_microbatches must be a positive int; got {num_microbatches!r}."
     )
   leaves = jax.tree_util.tree_leaves_with_path(batch)
   if not leaves:
@@ -22,8 +23,8 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
   for path, x in leaves:
     if jax.numpy.ndim(x) < 1:
       raise ValueError(
-          f"Batch leaf {jax.tree_util.keystr(path)} is a scalar; every leaf"
-          " needs a leading batch axis."
+        f"Batch leaf {jax.tree_util.keystr(path)} is a scalar; every leaf"
+        " needs a leading batch axis."
       )
     sizes[jax.tree_util.keystr(path) or "<root>"] = x.shape[0]
   if len(set(sizes.values())) > 1:
@@ -31,19 +32,20 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
   batch_size = next(iter(sizes.values()))
   if batch_size % num_microbatches:
     raise ValueError(
-        f"A batch of {batch_size} does not split evenly into"
-        f" {num_microbatches} microbatches."
+      f"A batch of {batch_size} does not split evenly into"
+      f" {num_microbatches} microbatches."
     )
   size = batch_size // num_microbatches
   return jax.tree.map(
-      lambda x: x.reshape((num_microbatches, size) + x.shape[1:]), batch)
+    lambda x: x.reshape((num_microbatches, size) + x.shape[1:]), batch
+  )
 
 
 def microbatch_grads(
-    loss_fn: Callable[..., Any],
-    num_microbatches: int,
-    *,
-    has_aux: bool = False,
+  loss_fn: Callable[..., Any],
+  num_microbatches: int,
+  *,
+  has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
   """Wraps ``loss_fn(params, batch, *args)`` to give per-microbatch gradients.
 

@@ -7,7 +7,8 @@ It never touches the gradients themselves, so it runs unchanged on every device
 and costs O(N^2) scalar work, nothing per parameter.
 """
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,9 @@ def cosine_distance(dot, sq_norm_a, sq_norm_b):
   return 1.0 - jnp.clip(cos, -1.0, 1.0)
 
 
-def stream_decisions(gram, usable, tau, shrink, cross=None,
-                     sq_norm=0.0, has_anchor=False):
+def stream_decisions(
+  gram, usable, tau, shrink, cross=None, sq_norm=0.0, has_anchor=False
+):
   """Streams microgradients in order against a running aggregate.
 
   The aggregate is ``A = alpha * C + sum_j w_j g_j``, where ``C`` is an
@@ -79,8 +81,7 @@ def stream_decisions(gram, usable, tau, shrink, cross=None,
   def step(carry, xs):
     alpha, w, sq, has = carry
     j, row, cross_j, sq_j, ok = xs
-    dot = alpha * cross_j + jnp.dot(row, w,
-                                    precision=jax.lax.Precision.HIGHEST)
+    dot = alpha * cross_j + jnp.dot(row, w, precision=jax.lax.Precision.HIGHEST)
     dist = cosine_distance(dot, sq_j, sq)
     is_anchor = ok & ~has
     agrees = ok & has & (dist <= tau)
@@ -88,13 +89,17 @@ def stream_decisions(gram, usable, tau, shrink, cross=None,
     alpha = jnp.where(agrees, shrink * alpha, alpha)
     w = jnp.where(is_anchor, e_j, jnp.where(agrees, shrink * (w + e_j), w))
     sq = jnp.where(
-        is_anchor, sq_j,
-        jnp.where(agrees, shrink**2 * (sq + 2 * dot + sq_j), sq))
+      is_anchor, sq_j, jnp.where(agrees, shrink**2 * (sq + 2 * dot + sq_j), sq)
+    )
     dist = jnp.where(is_anchor, 0.0, jnp.where(ok, dist, jnp.nan))
     return (alpha, w, sq, has | ok), (is_anchor | agrees, agrees, dist)
 
-  init = (jnp.ones([], jnp.float32), jnp.zeros([n], jnp.float32),
-          jnp.asarray(sq_norm, jnp.float32), jnp.asarray(has_anchor, bool))
+  init = (
+    jnp.ones([], jnp.float32),
+    jnp.zeros([n], jnp.float32),
+    jnp.asarray(sq_norm, jnp.float32),
+    jnp.asarray(has_anchor, bool),
+  )
   xs = (jnp.arange(n), gram, cross, jnp.diagonal(gram), usable)
   (alpha, w, sq, has), (taken, agreed, dist) = jax.lax.scan(step, init, xs)
   return alpha, w, sq, has, taken, agreed, dist.astype(jnp.float32)
@@ -152,8 +157,9 @@ def _medoid_anchor(gram, usable, tau):
   anchor = jnp.argmax(counts)
   has_anchor = jnp.any(usable)
   is_anchor = jax.nn.one_hot(anchor, n, dtype=bool) & has_anchor
-  to_anchor = jnp.where(is_anchor, 0.0,
-                        jnp.where(usable, dist[anchor], jnp.nan))
+  to_anchor = jnp.where(
+    is_anchor, 0.0, jnp.where(usable, dist[anchor], jnp.nan)
+  )
   return is_anchor, has_anchor, neighbours[anchor], to_anchor
 
 
@@ -199,10 +205,10 @@ def soft(gram, usable, tau, temperature=0.05) -> RuleOutput:
 
 
 RULES: dict[str, Rule] = {
-    "sequential": sequential,
-    "pairwise": pairwise,
-    "medoid": medoid,
-    "soft": soft,
+  "sequential": sequential,
+  "pairwise": pairwise,
+  "medoid": medoid,
+  "soft": soft,
 }
 
 
@@ -253,4 +259,4 @@ def record_distances(history, distances):
   # A stable sort on "is recorded" moves the empty slots to the front and keeps
   # the recorded ones in arrival order.
   order = jnp.argsort(jnp.isfinite(both), stable=True)
-  return both[order][-history.shape[0]:]
+  return both[order][-history.shape[0] :]

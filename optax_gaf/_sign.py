@@ -51,16 +51,17 @@ def _check_threshold(value) -> None:
     return  # traced (inject_hyperparams)
   if not 0.0 <= value <= 1.0:
     raise ValueError(
-        f"agreement_threshold is a fraction of sign agreement in [0, 1]; got"
-        f" {value}.")
+      f"agreement_threshold is a fraction of sign agreement in [0, 1]; got"
+      f" {value}."
+    )
 
 
 def and_mask(
-    agreement_threshold: float | optax.ScalarOrSchedule = 1.0,
-    *,
-    scale_grad_inverse_sparsity: bool = False,
-    axis_name: _collectives.AxisName | None = None,
-    collective: str = "all_to_all",
+  agreement_threshold: float | optax.ScalarOrSchedule = 1.0,
+  *,
+  scale_grad_inverse_sparsity: bool = False,
+  axis_name: _collectives.AxisName | None = None,
+  collective: str = "all_to_all",
 ) -> aggregating.Aggregator:
   r"""AND-mask: average the microgradients where their signs agree.
 
@@ -113,33 +114,38 @@ def and_mask(
   placement = _collectives.make_placement(axis_name, collective)
 
   def threshold_at(count):
-    value = (agreement_threshold(count) if callable(agreement_threshold)
-             else agreement_threshold)
+    value = (
+      agreement_threshold(count)
+      if callable(agreement_threshold)
+      else agreement_threshold
+    )
     return jnp.asarray(value, jnp.float32)
 
   def init_fn(params):
     # Per-leaf fractions are recorded when init sees the params (else [0]).
     n_leaves = len(jax.tree.leaves(params))
     return AndMaskState(
-        count=jnp.zeros([], jnp.int32),
-        ready=jnp.ones([], bool),
-        agreement_threshold=threshold_at(0),
-        mask_fraction=jnp.zeros([], jnp.float32),
-        leaf_mask_fraction=jnp.zeros([n_leaves], jnp.float32),
-        skipped_steps=jnp.zeros([], jnp.int32),
-        gradient_diversity=jnp.zeros([], jnp.float32),
+      count=jnp.zeros([], jnp.int32),
+      ready=jnp.ones([], bool),
+      agreement_threshold=threshold_at(0),
+      mask_fraction=jnp.zeros([], jnp.float32),
+      leaf_mask_fraction=jnp.zeros([n_leaves], jnp.float32),
+      skipped_steps=jnp.zeros([], jnp.int32),
+      gradient_diversity=jnp.zeros([], jnp.float32),
     )
 
   def update_fn(grads, state, params=None):
     leaves, treedef, n, gram, usable = _aggregator.gram_stage(
-        grads, params, placement)
+      grads, params, placement
+    )
     threshold = threshold_at(state.count)
     n_ok = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
     # Sums of +-1 and 0 are exact in float32.
     signs = [jnp.sign(x).astype(jnp.float32) for x in leaves]
     sign_sums = placement.combine(signs, jnp.ones([n], jnp.float32), usable)
-    means = placement.combine(leaves, jnp.full([n], 1.0, jnp.float32) / n_ok,
-                              usable)
+    means = placement.combine(
+      leaves, jnp.full([n], 1.0, jnp.float32) / n_ok, usable
+    )
     masks = [jnp.abs(s) / n_ok >= threshold for s in sign_sums]
     fractions = jnp.stack([jnp.mean(m, dtype=jnp.float32) for m in masks])
     out = []
@@ -151,18 +157,19 @@ def and_mask(
     sizes = np.array([np.prod(m.shape) for m in masks], np.float64)
     # Weighted in float32: an int32 count would overflow past 2**31 params.
     mask_fraction = jnp.sum(
-        fractions * (sizes / sizes.sum()).astype(np.float32))
+      fractions * (sizes / sizes.sum()).astype(np.float32)
+    )
     ready = jnp.any(usable) & jnp.any(fractions > 0)
     new_state = AndMaskState(
-        count=optax.safe_increment(state.count),
-        ready=ready,
-        agreement_threshold=threshold,
-        mask_fraction=mask_fraction,
-        leaf_mask_fraction=fractions
-        if state.leaf_mask_fraction.shape == fractions.shape
-        else state.leaf_mask_fraction,
-        skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
-        gradient_diversity=_statistics.gradient_diversity(gram),
+      count=optax.safe_increment(state.count),
+      ready=ready,
+      agreement_threshold=threshold,
+      mask_fraction=mask_fraction,
+      leaf_mask_fraction=fractions
+      if state.leaf_mask_fraction.shape == fractions.shape
+      else state.leaf_mask_fraction,
+      skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
+      gradient_diversity=_statistics.gradient_diversity(gram),
     )
     return treedef.unflatten(out), new_state
 

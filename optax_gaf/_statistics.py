@@ -5,11 +5,11 @@ Stage 1 reduces them to the N x N Gram matrix of inner products; stage 3 takes
 the rule's weights back to a single update. Nothing here knows about rules.
 """
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 
 # Inner products are accumulated in float32 at full precision, whatever the
 # gradient dtype: bf16 x bf16 products are exact in float32, and TPU default
@@ -21,16 +21,22 @@ def leaf_gram(x: jax.Array) -> jax.Array:
   """Returns the ``[n, n]`` float32 Gram matrix of one leaf ``x [n, ...]``."""
   flat = x.reshape(x.shape[0], -1)
   return jnp.einsum(
-      "ip,jp->ij", flat, flat,
-      precision=_PRECISION, preferred_element_type=jnp.float32,
+    "ip,jp->ij",
+    flat,
+    flat,
+    precision=_PRECISION,
+    preferred_element_type=jnp.float32,
   )
 
 
 def leaf_cross_gram(x: jax.Array, y: jax.Array) -> jax.Array:
   """Returns ``<x_i, y_j>`` as a ``[n, m]`` float32 matrix."""
   return jnp.einsum(
-      "ip,jp->ij", x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1),
-      precision=_PRECISION, preferred_element_type=jnp.float32,
+    "ip,jp->ij",
+    x.reshape(x.shape[0], -1),
+    y.reshape(y.shape[0], -1),
+    precision=_PRECISION,
+    preferred_element_type=jnp.float32,
   )
 
 
@@ -73,7 +79,7 @@ def sanitized(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def weighted_sum(
-    leaves: Sequence[jax.Array], weights: jax.Array, usable: jax.Array
+  leaves: Sequence[jax.Array], weights: jax.Array, usable: jax.Array
 ) -> list[jax.Array]:
   """Returns ``sum_i w_i g_i`` per leaf, in each leaf's dtype.
 
@@ -104,9 +110,11 @@ def masked_tensordot(w: jax.Array, x: jax.Array, ok: jax.Array) -> jax.Array:
     x: ``[N, ...]`` microgradients of one leaf.
     ok: ``[N]`` bool, the usable ones.
   """
+
   def dense(x):
-    return jnp.tensordot(w, x, axes=1, precision=_PRECISION,
-                         preferred_element_type=jnp.float32)
+    return jnp.tensordot(
+      w, x, axes=1, precision=_PRECISION, preferred_element_type=jnp.float32
+    )
 
   def masked(x):
     mask = ok.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -140,5 +148,7 @@ def gradient_diversity(gram_matrix: jax.Array) -> jax.Array:
     gram_matrix = jnp.sum(gram_matrix, axis=0)
   total = jnp.sum(gram_matrix)
   return jnp.where(
-      total > 0, jnp.trace(gram_matrix) / jnp.where(total > 0, total, 1.0),
-      jnp.inf).astype(jnp.float32)
+    total > 0,
+    jnp.trace(gram_matrix) / jnp.where(total > 0, total, 1.0),
+    jnp.inf,
+  ).astype(jnp.float32)

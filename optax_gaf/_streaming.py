@@ -20,7 +20,10 @@ Both return :class:`FilteredGradients`, which :func:`optax_gaf.gaf` accepts in
 place of the stacked microgradients, to record the same :class:`GAFState`.
 """
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +84,9 @@ def check_rule(rule: str) -> float:
   """Returns the rule's shrink factor; raises for rules that need the Gram."""
   if rule not in RUNNING_RULES:
     raise ValueError(
-        f"Streaming GAF supports the running-aggregate rules"
-        f" {sorted(RUNNING_RULES)}; got rule={rule!r}. Rules that need the"
-        " whole Gram matrix work only on stacked microgradients via gaf()."
+      f"Streaming GAF supports the running-aggregate rules"
+      f" {sorted(RUNNING_RULES)}; got rule={rule!r}. Rules that need the"
+      " whole Gram matrix work only on stacked microgradients via gaf()."
     )
   return RUNNING_RULES[rule]
 
@@ -91,27 +94,32 @@ def check_rule(rule: str) -> float:
 def _init(shapes: Sequence[tuple[int, ...]], n: int, empty: bool) -> _Carry:
   zeros = None if empty else [jnp.zeros(s, jnp.float32) for s in shapes]
   return _Carry(
-      aggregate=zeros,
-      total=zeros,
-      agg_sq_norm=jnp.zeros([], jnp.float32),
-      has_anchor=jnp.zeros([], bool),
-      weights=jnp.zeros([n], jnp.float32),
-      taken=jnp.zeros([n], bool),
-      agreed=jnp.zeros([n], bool),
-      distance=jnp.zeros([n], jnp.float32),
-      sum_sq_norms=jnp.zeros([], jnp.float32),
+    aggregate=zeros,
+    total=zeros,
+    agg_sq_norm=jnp.zeros([], jnp.float32),
+    has_anchor=jnp.zeros([], bool),
+    weights=jnp.zeros([n], jnp.float32),
+    taken=jnp.zeros([n], bool),
+    agreed=jnp.zeros([n], bool),
+    distance=jnp.zeros([n], jnp.float32),
+    sum_sq_norms=jnp.zeros([], jnp.float32),
   )
 
 
 def _dot_with(x: jax.Array, y: jax.Array) -> jax.Array:
   """``<x_i, y>`` for ``x [B, ...]`` and ``y [...]``, as ``[B]`` float32."""
   return jnp.einsum(
-      "ip,p->i", x.reshape(x.shape[0], -1), y.reshape(-1),
-      precision=_PRECISION, preferred_element_type=jnp.float32)
+    "ip,p->i",
+    x.reshape(x.shape[0], -1),
+    y.reshape(-1),
+    precision=_PRECISION,
+    preferred_element_type=jnp.float32,
+  )
 
 
-def _absorb(carry: _Carry, block: Sequence[jax.Array], offset, tau,
-            shrink: float) -> _Carry:
+def _absorb(
+  carry: _Carry, block: Sequence[jax.Array], offset, tau, shrink: float
+) -> _Carry:
   """Compares microgradients ``block`` (leaves ``[B, ...]``) in order.
 
   They sit at positions ``offset .. offset + B - 1``. Within the block the
@@ -128,7 +136,8 @@ def _absorb(carry: _Carry, block: Sequence[jax.Array], offset, tau,
     cross = sum(_dot_with(x, a) for x, a in zip(block, carry.aggregate))
     cross = jnp.where(ok, cross, 0.0)
   alpha, w, sq, has, taken, agreed, dist = _rules.stream_decisions(
-      gram, ok, tau, shrink, cross, carry.agg_sq_norm, carry.has_anchor)
+    gram, ok, tau, shrink, cross, carry.agg_sq_norm, carry.has_anchor
+  )
 
   rows = jnp.stack([w, ok.astype(jnp.float32)])
   folded = [_statistics.masked_tensordot(rows, x, ok) for x in block]
@@ -143,20 +152,21 @@ def _absorb(carry: _Carry, block: Sequence[jax.Array], offset, tau,
     return jax.lax.dynamic_update_slice(vec, new.astype(vec.dtype), (offset,))
 
   return _Carry(
-      aggregate=aggregate,
-      total=total,
-      agg_sq_norm=sq,
-      has_anchor=has,
-      weights=put(alpha * carry.weights, w),
-      taken=put(carry.taken, taken),
-      agreed=put(carry.agreed, agreed),
-      distance=put(carry.distance, dist),
-      sum_sq_norms=carry.sum_sq_norms + jnp.sum(sq_norms),
+    aggregate=aggregate,
+    total=total,
+    agg_sq_norm=sq,
+    has_anchor=has,
+    weights=put(alpha * carry.weights, w),
+    taken=put(carry.taken, taken),
+    agreed=put(carry.agreed, agreed),
+    distance=put(carry.distance, dist),
+    sum_sq_norms=carry.sum_sq_norms + jnp.sum(sq_norms),
   )
 
 
-def _finish(carry: _Carry, tau, shrink: float, dtypes) -> tuple[list,
-                                                                 FilteredGradients]:
+def _finish(
+  carry: _Carry, tau, shrink: float, dtypes
+) -> tuple[list, FilteredGradients]:
   ready = jnp.any(carry.agreed)
   # On a no-agreement step only the anchor stays marked.
   accepted = jnp.where(ready, carry.taken, carry.taken & ~carry.agreed)
@@ -165,16 +175,17 @@ def _finish(carry: _Carry, tau, shrink: float, dtypes) -> tuple[list,
   scale = jnp.where(ready, 1.0 / norm, 0.0)
   updates = [(scale * a).astype(dt) for a, dt in zip(carry.aggregate, dtypes)]
   sq_norm_of_sum = sum(
-      jnp.sum(jnp.square(t), dtype=jnp.float32) for t in carry.total)
+    jnp.sum(jnp.square(t), dtype=jnp.float32) for t in carry.total
+  )
   return updates, FilteredGradients(
-      updates=None,
-      ready=ready,
-      tau=jnp.asarray(tau, jnp.float32),
-      accepted=accepted,
-      cosine_distance=carry.distance,
-      weights=scale * carry.weights,
-      sum_sq_norms=carry.sum_sq_norms,
-      sq_norm_of_sum=sq_norm_of_sum,
+    updates=None,
+    ready=ready,
+    tau=jnp.asarray(tau, jnp.float32),
+    accepted=accepted,
+    cosine_distance=carry.distance,
+    weights=scale * carry.weights,
+    sum_sq_norms=carry.sum_sq_norms,
+    sq_norm_of_sum=sq_norm_of_sum,
   )
 
 
@@ -186,22 +197,26 @@ def takes_fast_path(placement, leaves, rule: str, per_leaf: bool) -> bool:
   and the Gram route gives bitwise the same numbers as ``per_leaf`` and the
   multi-device placements.
   """
-  return (rule in RUNNING_RULES and not per_leaf
-          and leaves[0].shape[0] > BLOCK_SIZE
-          and getattr(placement, "axis_name", None) is None
-          and isinstance(placement.resolve(leaves),
-                         _statistics.LocalPlacement))
+  return (
+    rule in RUNNING_RULES
+    and not per_leaf
+    and leaves[0].shape[0] > BLOCK_SIZE
+    and getattr(placement, "axis_name", None) is None
+    and isinstance(placement.resolve(leaves), _statistics.LocalPlacement)
+  )
 
 
 def gradient_diversity(out: FilteredGradients) -> jax.Array:
   """``sum_i ||g_i||^2 / ||sum_i g_i||^2``, as ``_statistics`` computes it."""
   total = out.sq_norm_of_sum
-  return jnp.where(total > 0, out.sum_sq_norms / jnp.where(total > 0, total,
-                                                            1.0), jnp.inf)
+  return jnp.where(
+    total > 0, out.sum_sq_norms / jnp.where(total > 0, total, 1.0), jnp.inf
+  )
 
 
-def filter_microgradients(grads, tau, rule: str = "sequential", *,
-                          block_size: int | None = None) -> FilteredGradients:
+def filter_microgradients(
+  grads, tau, rule: str = "sequential", *, block_size: int | None = None
+) -> FilteredGradients:
   """GAF on stacked microgradients without their Gram matrix.
 
   Args:
@@ -226,7 +241,7 @@ def filter_microgradients(grads, tau, rule: str = "sequential", *,
   carry = _absorb(carry, [x[:b] for x in leaves], 0, tau, shrink)
   m = (n - b) // b
   if m:
-    blocks = [x[b:b + m * b].reshape((m, b) + x.shape[1:]) for x in leaves]
+    blocks = [x[b : b + m * b].reshape((m, b) + x.shape[1:]) for x in leaves]
 
     def body(carry, xs):
       k, block = xs
@@ -234,17 +249,17 @@ def filter_microgradients(grads, tau, rule: str = "sequential", *,
 
     carry, _ = jax.lax.scan(body, carry, (jnp.arange(m), blocks))
   if b + m * b < n:
-    rest = [x[b + m * b:] for x in leaves]
+    rest = [x[b + m * b :] for x in leaves]
     carry = _absorb(carry, rest, b + m * b, tau, shrink)
   updates, out = _finish(carry, tau, shrink, [x.dtype for x in leaves])
   return out._replace(updates=treedef.unflatten(updates))
 
 
 def gaf_accumulator(
-    tau: float | jax.Array,
-    *,
-    rule: str = "sequential",
-    num_microbatches: int,
+  tau: float | jax.Array,
+  *,
+  rule: str = "sequential",
+  num_microbatches: int,
 ) -> optax.microbatching.Accumulator:
   """GAF as an :class:`optax.microbatching.Accumulator`: one microgradient at a time.
 
@@ -303,25 +318,26 @@ def gaf_accumulator(
     return filter_microgradients(values, tau, rule)
 
   return optax.microbatching.Accumulator(
-      init_with_meta, update, finalize, aggregate)
+    init_with_meta, update, finalize, aggregate
+  )
 
 
 def _static_n(n: Any) -> int:
   if not isinstance(n, int) or isinstance(n, bool) or n < 2:
     raise ValueError(
-        f"num_microbatches must be a Python int >= 2 (GAF compares"
-        f" microgradients); got {n!r}."
+      f"num_microbatches must be a Python int >= 2 (GAF compares"
+      f" microgradients); got {n!r}."
     )
   return n
 
 
 def streaming_grads(
-    loss_fn: Callable[..., Any],
-    num_microbatches: int,
-    tau: float | jax.Array,
-    *,
-    rule: str = "sequential",
-    has_aux: bool = False,
+  loss_fn: Callable[..., Any],
+  num_microbatches: int,
+  tau: float | jax.Array,
+  *,
+  rule: str = "sequential",
+  has_aux: bool = False,
 ) -> Callable[..., tuple[Any, FilteredGradients]]:
   """Like :func:`optax_gaf.microbatch_grads`, but filters as it goes.
 
@@ -372,8 +388,7 @@ def streaming_grads(
 
     (loss0, grad0) = jax.eval_shape(one, 0)
     acc = gaf_accumulator(tau, rule=rule, num_microbatches=n)
-    losses0 = jax.tree.map(
-        lambda s: jnp.zeros((n,) + s.shape, s.dtype), loss0)
+    losses0 = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape, s.dtype), loss0)
 
     def body(i, carry):
       losses, acc_carry = carry
@@ -382,7 +397,8 @@ def streaming_grads(
       return losses, acc.update(acc_carry, grad, i)
 
     losses, acc_carry = jax.lax.fori_loop(
-        0, n, body, (losses0, acc.init(grad0)))
+      0, n, body, (losses0, acc.init(grad0))
+    )
     return losses, acc.finalize(acc_carry)
 
   return fn

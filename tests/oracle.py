@@ -12,8 +12,12 @@ import numpy as np
 def flatten(grads_tree_leaves):
   """``[N, ...]`` leaves -> ``[N, P]`` float64 matrix (whole-pytree vectors)."""
   return np.concatenate(
-      [np.asarray(x, np.float64).reshape(np.shape(x)[0], -1)
-       for x in grads_tree_leaves], axis=1)
+    [
+      np.asarray(x, np.float64).reshape(np.shape(x)[0], -1)
+      for x in grads_tree_leaves
+    ],
+    axis=1,
+  )
 
 
 def cos_dist(a, b):
@@ -103,8 +107,10 @@ def make_microgradients(rng, n, shapes, agreement, flip_prob=0.3):
     signal = rng.normal(size=shape)
     noise = rng.normal(size=(n,) + tuple(shape))
     scale = rng.uniform(0.5, 2.0, size=(n,) + (1,) * len(shape))
-    x = scale * (agreement * signs.reshape((n,) + (1,) * len(shape)) * signal
-                 + (1 - agreement) * noise)
+    x = scale * (
+      agreement * signs.reshape((n,) + (1,) * len(shape)) * signal
+      + (1 - agreement) * noise
+    )
     leaves.append(x.astype(np.float32))
   return leaves
 
@@ -165,8 +171,9 @@ def medoid_anchor(flat, tau):
       best, best_count = i, count
   if best is None:
     return None, [], np.full(n, np.nan)
-  neighbours = [j for j in range(n)
-                if j != best and ok[j] and d[best, j] <= tau]
+  neighbours = [
+    j for j in range(n) if j != best and ok[j] and d[best, j] <= tau
+  ]
   to_anchor = d[best].copy()
   to_anchor[best] = 0.0
   return best, neighbours, to_anchor
@@ -256,8 +263,9 @@ def adacons(flat, sorted_momentum=None, momentum=0.0, rescale=True):
   if not ok.any() or alpha.sum() <= 0:
     return None, np.zeros_like(alpha), m
   alpha = alpha / alpha.sum()
-  update = sum(alpha[i] * flat[i] / np.linalg.norm(flat[i])
-               for i in np.flatnonzero(ok))
+  update = sum(
+    alpha[i] * flat[i] / np.linalg.norm(flat[i]) for i in np.flatnonzero(ok)
+  )
   if rescale:
     mean = total / n_ok
     update = update * np.linalg.norm(mean) / np.linalg.norm(update)

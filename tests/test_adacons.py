@@ -1,11 +1,13 @@
 """optax_gaf.adacons: consensus weights from the Gram matrix, with momentum."""
 
-from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import optax_gaf
 from tests import oracle
@@ -25,8 +27,9 @@ def test_matches_float64_oracle_over_steps(n, momentum, rescale):
   m = None
   for _ in range(3):
     leaves = oracle.make_microgradients(rng, n, SHAPES, 0.6, flip_prob=0.2)
-    want, alpha, m = oracle.adacons(oracle.flatten(leaves),
-                                    m if momentum else None, momentum, rescale)
+    want, alpha, m = oracle.adacons(
+      oracle.flatten(leaves), m if momentum else None, momentum, rescale
+    )
     updates, state = update(dict(zip("ab", leaves)), state, params)
     assert bool(state.ready) == (want is not None)
     got = np.concatenate([np.ravel(updates["a"]), np.ravel(updates["b"])])
@@ -39,8 +42,11 @@ def test_matches_float64_oracle_over_steps(n, momentum, rescale):
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.sampled_from([2, 5]), seed=st.integers(0, 2**31 - 1),
-       log_scale=st.floats(-3, 3))
+@given(
+  n=st.sampled_from([2, 5]),
+  seed=st.integers(0, 2**31 - 1),
+  log_scale=st.floats(-3, 3),
+)
 def test_identical_microgradients_give_that_microgradient(n, seed, log_scale):
   g = np.random.default_rng(seed).normal(size=9) * 10.0**log_scale
   grads = jnp.asarray(np.tile(g, (n, 1)), jnp.float32)
@@ -49,8 +55,9 @@ def test_identical_microgradients_give_that_microgradient(n, seed, log_scale):
   for _ in range(2):  # also after a momentum step
     updates, state = update(grads, state)
     np.testing.assert_allclose(updates, g, rtol=1e-5)
-    np.testing.assert_allclose(state.coefficients, np.full(n, 1.0 / n),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      state.coefficients, np.full(n, 1.0 / n), rtol=1e-5
+    )
 
 
 _COMPILED = {}
@@ -101,12 +108,15 @@ def test_without_num_microbatches_state_is_n_independent():
     np.testing.assert_allclose(updates, [1.0, 1.0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(momentum=0.9), "num_microbatches"),
     (dict(momentum=1.0, num_microbatches=2), "momentum"),
     (dict(momentum=-0.1, num_microbatches=2), "momentum"),
     (dict(num_microbatches=0), "num_microbatches"),
-])
+  ],
+)
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     optax_gaf.adacons(**kwargs)

@@ -2,13 +2,15 @@
 
 import functools
 
-from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.experimental import aggregating
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from optax.experimental import aggregating
 
 import optax_gaf
 from tests import oracle
@@ -36,12 +38,14 @@ def test_matches_float64_oracle(n, threshold, scale):
     np.testing.assert_allclose(updates[name], w, rtol=2e-5, atol=1e-6)
   kept = [np.abs(np.mean(np.sign(x), 0)) >= threshold for x in leaves]
   # leaf_mask_fraction follows jax.tree.leaves order (a, b, c here).
-  np.testing.assert_allclose(state.leaf_mask_fraction,
-                             [k.mean() for k in kept], rtol=1e-6)
+  np.testing.assert_allclose(
+    state.leaf_mask_fraction, [k.mean() for k in kept], rtol=1e-6
+  )
   kept_fraction = sum(k.sum() for k in kept) / sum(k.size for k in kept)
   np.testing.assert_allclose(state.mask_fraction, kept_fraction, rtol=1e-6)
   assert float(state.gradient_diversity) == pytest.approx(
-      oracle.gradient_diversity(oracle.flatten(leaves)), rel=1e-4)
+    oracle.gradient_diversity(oracle.flatten(leaves)), rel=1e-4
+  )
 
 
 @settings(max_examples=20, deadline=None)
@@ -55,8 +59,9 @@ def test_threshold_zero_is_the_mean_and_one_needs_full_agreement(seed, n):
   full, _ = _run(x, 1.0)
   agree = np.all(x > 0, 0) | np.all(x < 0, 0)
   np.testing.assert_array_equal(np.asarray(full) != 0, agree)
-  np.testing.assert_allclose(np.asarray(full)[agree], x.mean(0)[agree],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(full)[agree], x.mean(0)[agree], rtol=1e-5
+  )
 
 
 def test_zero_sign_counts_against_full_agreement():
@@ -79,8 +84,9 @@ def test_unusable_microgradients_are_as_if_absent():
 
 def test_nothing_kept_is_a_skipped_step():
   x = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
-  tx = aggregating.process(optax.identity(), optax_gaf.and_mask(1.0),
-                           optax.sgd(1.0, momentum=0.9))
+  tx = aggregating.process(
+    optax.identity(), optax_gaf.and_mask(1.0), optax.sgd(1.0, momentum=0.9)
+  )
   params = jnp.zeros(2)
   state = tx.init(params)
   updates, state = tx.update(x, state, params)

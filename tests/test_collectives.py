@@ -43,8 +43,9 @@ def _shard_map_step(n, rule, collective, per_device=False):
   With ``per_device`` every device's own copy comes back, stacked ``[D, ...]``.
   """
   mesh = _mesh()
-  agg = optax_gaf.gaf(0.5, rule=rule, num_microbatches=n, axis_name="data",
-                      collective=collective)
+  agg = optax_gaf.gaf(
+    0.5, rule=rule, num_microbatches=n, axis_name="data", collective=collective
+  )
 
   def step(grads, state):
     out = agg.update(grads, state)
@@ -53,8 +54,9 @@ def _shard_map_step(n, rule, collective, per_device=False):
     return out
 
   spec = P("data") if per_device else P()
-  fn = jax.shard_map(step, mesh=mesh, in_specs=(P("data"), P()),
-                     out_specs=(spec, spec))
+  fn = jax.shard_map(
+    step, mesh=mesh, in_specs=(P("data"), P()), out_specs=(spec, spec)
+  )
   return agg, jax.jit(fn)
 
 
@@ -105,12 +107,15 @@ def test_shard_map_matches_single_device_and_oracle(n_local, collective, rule):
   _assert_matches_oracle(updates, state, leaves, rule)
   one_updates, one_state = _single_device(leaves, rule)
   for field in ("accepted", "ready", "num_accepted", "skipped_steps"):
-    np.testing.assert_array_equal(getattr(state, field),
-                                  getattr(one_state, field))
-  np.testing.assert_allclose(state.gradient_diversity,
-                             one_state.gradient_diversity, rtol=1e-5)
-  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-5,
-                                 atol=1e-7)
+    np.testing.assert_array_equal(
+      getattr(state, field), getattr(one_state, field)
+    )
+  np.testing.assert_allclose(
+    state.gradient_diversity, one_state.gradient_diversity, rtol=1e-5
+  )
+  chex_close = functools.partial(
+    np.testing.assert_allclose, rtol=1e-5, atol=1e-7
+  )
   jax.tree.map(chex_close, updates, one_updates)
   assert not state.accepted[2] and np.isnan(state.cosine_distance[2])  # NaN
   assert np.isnan(state.cosine_distance[D * n_local - 3])  # so is zero
@@ -119,8 +124,9 @@ def test_shard_map_matches_single_device_and_oracle(n_local, collective, rule):
 @pytest.mark.parametrize("collective", ["all_to_all", "all_gather"])
 def test_every_device_holds_bitwise_the_same_result(collective):
   leaves = _fixed_microgradients(2 * D, seed=1)
-  updates, state = _run_shard_map(leaves, "sequential", collective,
-                                  per_device=True)
+  updates, state = _run_shard_map(
+    leaves, "sequential", collective, per_device=True
+  )
   _assert_same_bits_on_every_device((updates, state))
 
 
@@ -133,24 +139,27 @@ def _assert_same_bits_on_every_device(tree):
 
 
 @hypothesis.settings(max_examples=12, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2**31 - 1),
-                  agreement=st.floats(0.2, 0.9),
-                  rule=st.sampled_from(["sequential", "pairwise"]))
+@hypothesis.given(
+  seed=st.integers(0, 2**31 - 1),
+  agreement=st.floats(0.2, 0.9),
+  rule=st.sampled_from(["sequential", "pairwise"]),
+)
 def test_property_all_to_all_equals_float64_oracle(seed, agreement, rule):
   rng = np.random.default_rng(seed)
   leaves = oracle.make_microgradients(rng, 2 * D, SHAPES, agreement)
-  hypothesis.assume(not oracle.is_ambiguous(
-      ORACLES[rule](oracle.flatten(leaves), 0.5)[2], 0.5))
+  hypothesis.assume(
+    not oracle.is_ambiguous(ORACLES[rule](oracle.flatten(leaves), 0.5)[2], 0.5)
+  )
   updates, state = _run_shard_map(leaves, rule, "all_to_all")
   _assert_matches_oracle(updates, state, leaves, rule)
 
 
 def test_no_agreement_step_is_skipped_on_every_device():
   # Pairwise orthogonal microgradients: nothing agrees at tau=0.5.
-  leaves = [np.eye(D, 13, dtype=np.float32),
-            np.zeros((D, 3, 5), np.float32)]
-  updates, state = _run_shard_map(leaves, "sequential", "all_to_all",
-                                  per_device=True)
+  leaves = [np.eye(D, 13, dtype=np.float32), np.zeros((D, 3, 5), np.float32)]
+  updates, state = _run_shard_map(
+    leaves, "sequential", "all_to_all", per_device=True
+  )
   assert not np.asarray(state.ready).any()
   np.testing.assert_array_equal(state.skipped_steps, 1)
   for x in jax.tree.leaves(updates):
@@ -161,13 +170,16 @@ def test_no_agreement_step_is_skipped_on_every_device():
 def test_pmap(collective):
   n_local = 2
   leaves = _fixed_microgradients(D * n_local, seed=2)
-  agg = optax_gaf.gaf(0.5, num_microbatches=D * n_local, axis_name="i",
-                      collective=collective)
+  agg = optax_gaf.gaf(
+    0.5, num_microbatches=D * n_local, axis_name="i", collective=collective
+  )
   state = agg.init(None)
-  local = jax.tree.map(lambda x: x.reshape((D, n_local) + x.shape[1:]),
-                       _tree(leaves))
-  updates, new_state = jax.pmap(agg.update, axis_name="i",
-                                in_axes=(0, None))(local, state)
+  local = jax.tree.map(
+    lambda x: x.reshape((D, n_local) + x.shape[1:]), _tree(leaves)
+  )
+  updates, new_state = jax.pmap(agg.update, axis_name="i", in_axes=(0, None))(
+    local, state
+  )
   _assert_same_bits_on_every_device((updates, new_state))
   first = jax.tree.map(lambda x: x[0], (updates, new_state))
   _assert_matches_oracle(*first, leaves, "sequential")
@@ -177,9 +189,11 @@ def test_tuple_axis_name_is_device_major():
   mesh = jax.make_mesh((4, 2), ("x", "y"))
   leaves = _fixed_microgradients(D, seed=3)
   agg = optax_gaf.gaf(0.5, num_microbatches=D, axis_name=("x", "y"))
-  fn = jax.jit(jax.shard_map(agg.update, mesh=mesh,
-                             in_specs=(P(("x", "y")), P()),
-                             out_specs=(P(), P())))
+  fn = jax.jit(
+    jax.shard_map(
+      agg.update, mesh=mesh, in_specs=(P(("x", "y")), P()), out_specs=(P(), P())
+    )
+  )
   grads = jax.device_put(_tree(leaves), NamedSharding(mesh, P(("x", "y"))))
   _assert_matches_oracle(*fn(grads, agg.init(None)), leaves, "sequential")
 
@@ -191,9 +205,10 @@ def test_inside_an_optimizer_with_inner_adam():
 
   def make_step(axis_name):
     tx = aggregating.process(
-        optax.identity(),
-        optax_gaf.gaf(0.5, num_microbatches=2 * D, axis_name=axis_name),
-        optax.adam(0.1))
+      optax.identity(),
+      optax_gaf.gaf(0.5, num_microbatches=2 * D, axis_name=axis_name),
+      optax.adam(0.1),
+    )
 
     def step(grads, opt_state, params):
       updates, opt_state = tx.update(grads, opt_state, params)
@@ -202,15 +217,21 @@ def test_inside_an_optimizer_with_inner_adam():
     return tx.init(params), step
 
   opt_state, step = make_step("data")
-  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("data"), P(), P()),
-                             out_specs=(P(), P())))
+  fn = jax.jit(
+    jax.shard_map(
+      step, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=(P(), P())
+    )
+  )
   leaves = _fixed_microgradients(2 * D, seed=4)
   grads = jax.device_put(_tree(leaves), NamedSharding(mesh, P("data")))
   new_params, new_state = fn(grads, opt_state, params)
   ref_state, ref_step = make_step(None)
   ref_params, _ = ref_step(_tree(leaves), ref_state, params)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5),
-               new_params, ref_params)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5),
+    new_params,
+    ref_params,
+  )
   assert optax_gaf.stats(new_state)["count"] == 1
 
 
@@ -228,25 +249,34 @@ def test_per_leaf_gram_and_weights_across_devices():
     gram = place.gram(list(local), per_leaf=True)
     return gram, place.combine(list(local), weights, usable)
 
-  fn = jax.jit(jax.shard_map(fn, mesh=_mesh(), in_specs=P("data"),
-                             out_specs=P()))
-  gram, combined = fn(*[jax.device_put(x, NamedSharding(_mesh(), P("data")))
-                        for x in leaves])
+  fn = jax.jit(
+    jax.shard_map(fn, mesh=_mesh(), in_specs=P("data"), out_specs=P())
+  )
+  gram, combined = fn(
+    *[jax.device_put(x, NamedSharding(_mesh(), P("data"))) for x in leaves]
+  )
   for l, x in enumerate(leaves):
     flat = x.reshape(2 * D, -1).astype(np.float64)
     np.testing.assert_allclose(gram[l], flat @ flat.T, rtol=1e-5, atol=1e-5)
     want = (weights[l] * usable[l]) @ flat
-    np.testing.assert_allclose(combined[l].reshape(-1), want, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      combined[l].reshape(-1), want, rtol=1e-5, atol=1e-5
+    )
     assert combined[l].shape == x.shape[1:]
 
 
 def _compiled_hlo(collective):
   agg, fn = _shard_map_step(2 * D, "sequential", collective)
   spec = NamedSharding(_mesh(), P("data"))
-  args = (_tree([jax.ShapeDtypeStruct((2 * D,) + s, jnp.float32,
-                                      sharding=spec) for s in SHAPES]),
-          agg.init(None))
+  args = (
+    _tree(
+      [
+        jax.ShapeDtypeStruct((2 * D,) + s, jnp.float32, sharding=spec)
+        for s in SHAPES
+      ]
+    ),
+    agg.init(None),
+  )
   return fn.lower(*args).compile().as_text()
 
 
@@ -272,8 +302,10 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="num_microbatches"):
     agg, fn = _shard_map_step(2 * D, "sequential", "all_to_all")
     leaves = _fixed_microgradients(D)  # n_local 1: N = 8, not 16
-    fn(jax.device_put(_tree(leaves), NamedSharding(_mesh(), P("data"))),
-       agg.init(None))
+    fn(
+      jax.device_put(_tree(leaves), NamedSharding(_mesh(), P("data"))),
+      agg.init(None),
+    )
 
 
 def test_lax_all_to_all_layout_is_device_major():
@@ -285,29 +317,35 @@ def test_lax_all_to_all_layout_is_device_major():
     y = lax.all_to_all(x.reshape(2, D, 3), "data", 1, 0, tiled=True)
     return y.reshape(1, 2 * D, 3)
 
-  out = jax.jit(jax.shard_map(fn, mesh=_mesh(), in_specs=P("data"),
-                              out_specs=P("data")))(
-      jax.device_put(x, NamedSharding(_mesh(), P("data"))))
+  out = jax.jit(
+    jax.shard_map(fn, mesh=_mesh(), in_specs=P("data"), out_specs=P("data"))
+  )(jax.device_put(x, NamedSharding(_mesh(), P("data"))))
   out = np.asarray(out)
   for c in range(D):
-    np.testing.assert_array_equal(out[c], x[:, 3 * c:3 * c + 3])
+    np.testing.assert_array_equal(out[c], x[:, 3 * c : 3 * c + 3])
 
 
 def _gathers_of_all_microgradients(hlo, n):
-  return [line for line in hlo.splitlines()
-          if " all-gather(" in line
-          and f"[{n}," in line.split("all-gather(")[0]]
+  return [
+    line
+    for line in hlo.splitlines()
+    if " all-gather(" in line and f"[{n}," in line.split("all-gather(")[0]
+  ]
 
 
-@pytest.mark.parametrize("axis_type, axis_name, set_mesh", [
-    ("Auto", "data", True),       # plain jit, axis named, jax.set_mesh
-    ("Explicit", None, False),    # sharding read from the leaves' types
+@pytest.mark.parametrize(
+  "axis_type, axis_name, set_mesh",
+  [
+    ("Auto", "data", True),  # plain jit, axis named, jax.set_mesh
+    ("Explicit", None, False),  # sharding read from the leaves' types
     ("Explicit", "data", True),
-])
+  ],
+)
 def test_plain_jit_takes_the_all_to_all_plan(axis_type, axis_name, set_mesh):
   n = 2 * D
-  mesh = jax.make_mesh((D,), ("data",),
-                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  mesh = jax.make_mesh(
+    (D,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),)
+  )
   leaves = _fixed_microgradients(n, seed=6)
   agg = optax_gaf.gaf(0.5, num_microbatches=n, axis_name=axis_name)
   ctx = jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()
@@ -327,8 +365,12 @@ def test_plain_jit_explicit_with_an_unsharded_leaf():
   mesh = jax.make_mesh((D,), ("data",))  # Explicit axes by default
   leaves = _fixed_microgradients(n, seed=7)
   agg = optax_gaf.gaf(0.5, num_microbatches=n)
-  grads = _tree([jax.device_put(leaves[0], NamedSharding(mesh, P("data"))),
-                 jax.device_put(leaves[1], NamedSharding(mesh, P()))])
+  grads = _tree(
+    [
+      jax.device_put(leaves[0], NamedSharding(mesh, P("data"))),
+      jax.device_put(leaves[1], NamedSharding(mesh, P())),
+    ]
+  )
   fn = jax.jit(agg.update)
   hlo = fn.lower(grads, agg.init(None)).compile().as_text()
   _assert_matches_oracle(*fn(grads, agg.init(None)), leaves, "sequential")
@@ -338,8 +380,12 @@ def test_plain_jit_explicit_with_an_unsharded_leaf():
 def test_plain_jit_explicit_leaves_sharded_over_different_axes():
   mesh = jax.make_mesh((4, 2), ("x", "y"))
   leaves = _fixed_microgradients(D, seed=8)
-  grads = _tree([jax.device_put(leaves[0], NamedSharding(mesh, P("x"))),
-                 jax.device_put(leaves[1], NamedSharding(mesh, P("y")))])
+  grads = _tree(
+    [
+      jax.device_put(leaves[0], NamedSharding(mesh, P("x"))),
+      jax.device_put(leaves[1], NamedSharding(mesh, P("y"))),
+    ]
+  )
   agg = optax_gaf.gaf(0.5)
   with pytest.raises(ValueError, match="different mesh axes"):
     jax.jit(agg.update)(grads, agg.init(None))

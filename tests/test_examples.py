@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
-import optax_gaf
 import pytest
+from flax import nnx
 
+import optax_gaf
 from examples import datasets
 from examples import models
 from examples import noisy_labels
@@ -36,16 +36,22 @@ def _linear_problem(seed):
 def _run(method, tau, inner, x, y, idx, seed=0):
   """Runs ``idx.shape[0]`` steps; returns (params before, after, opt_state)."""
   model = nnx.Linear(D, C, rngs=nnx.Rngs(seed))
-  before = {k: np.asarray(v) for k, v in
-            nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()}
+  before = {
+    k: np.asarray(v)
+    for k, v in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()
+  }
   tx = training.make_tx(method, tau=tau, num_microbatches=2, inner=inner)
-  trainer, state = training.build(model, tx, num_microbatches=2,
-                                  train_x=jnp.asarray(x))
+  trainer, state = training.build(
+    model, tx, num_microbatches=2, train_x=jnp.asarray(x)
+  )
   state, metrics = jax.jit(trainer.run_chunk)(
-      state, jnp.asarray(idx), jnp.asarray(y), jax.random.key(0))
+    state, jnp.asarray(idx), jnp.asarray(y), jax.random.key(0)
+  )
   model, opt = nnx.merge(trainer.graphdef, state)
-  after = {k: np.asarray(v) for k, v in
-           nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()}
+  after = {
+    k: np.asarray(v)
+    for k, v in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()
+  }
   return before, after, nnx.as_pure(opt.opt_state), metrics
 
 
@@ -53,7 +59,8 @@ def _oracle_micrograds(params, x, y, idx_step):
   flat = []
   for micro in idx_step:
     dk, db = oracle.softmax_xent_linear_grads(
-        x[micro], y[micro], params["kernel"], params["bias"])
+      x[micro], y[micro], params["kernel"], params["bias"]
+    )
     flat.append(oracle.flatten([db[None], dk[None]])[0])  # leaf order b, k
   return np.stack(flat)
 
@@ -72,10 +79,12 @@ def test_gaf_step_matches_oracle(seed, side):
     pytest.skip("distance at the threshold")
   update, _, _ = oracle.sequential(flat, tau)
   lr = 0.5
-  before, after, _, metrics = _run("gaf-sequential", tau, optax.sgd(lr), x,
-                                   y, idx, seed)
-  delta = np.concatenate([(after[k] - before[k]).ravel()
-                          for k in ("bias", "kernel")])
+  before, after, _, metrics = _run(
+    "gaf-sequential", tau, optax.sgd(lr), x, y, idx, seed
+  )
+  delta = np.concatenate(
+    [(after[k] - before[k]).ravel() for k in ("bias", "kernel")]
+  )
   if update is None:  # no agreement: a true skip leaves the params alone
     assert side == -1
     np.testing.assert_array_equal(delta, 0.0)
@@ -89,12 +98,15 @@ def test_gaf_step_matches_oracle(seed, side):
 def test_average_step_matches_oracle():
   x, y, idx = _linear_problem(3)
   model = nnx.Linear(D, C, rngs=nnx.Rngs(3))
-  flat = _oracle_micrograds(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                            x, y, idx[0])
-  before, after, _, metrics = _run("average", 0.5, optax.sgd(0.5), x, y, idx,
-                                   seed=3)
-  delta = np.concatenate([(after[k] - before[k]).ravel()
-                          for k in ("bias", "kernel")])
+  flat = _oracle_micrograds(
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)), x, y, idx[0]
+  )
+  before, after, _, metrics = _run(
+    "average", 0.5, optax.sgd(0.5), x, y, idx, seed=3
+  )
+  delta = np.concatenate(
+    [(after[k] - before[k]).ravel() for k in ("bias", "kernel")]
+  )
   np.testing.assert_allclose(delta, -0.5 * flat.mean(0), rtol=1e-4, atol=1e-6)
   assert np.isnan(metrics.acceptance_rate[0]) and bool(metrics.ready[0])
 
@@ -104,10 +116,12 @@ def test_no_agreement_step_is_a_true_skip():
   x, y, idx = _linear_problem(4)
   idx = np.concatenate([idx, idx])  # two steps on the same data
   tau = lambda count: jnp.where(count == 0, 2.0, 0.0)  # accept, then skip
-  _, one, state1, _ = _run("gaf-sequential", tau,
-                           optax.sgd(0.5, momentum=0.9), x, y, idx[:1], 4)
-  _, two, state2, metrics = _run("gaf-sequential", tau,
-                                 optax.sgd(0.5, momentum=0.9), x, y, idx, 4)
+  _, one, state1, _ = _run(
+    "gaf-sequential", tau, optax.sgd(0.5, momentum=0.9), x, y, idx[:1], 4
+  )
+  _, two, state2, metrics = _run(
+    "gaf-sequential", tau, optax.sgd(0.5, momentum=0.9), x, y, idx, 4
+  )
   np.testing.assert_array_equal(metrics.ready, [True, False])
   for k in one:
     np.testing.assert_array_equal(two[k], one[k])
@@ -118,7 +132,6 @@ def test_no_agreement_step_is_a_true_skip():
 
 
 class _BNNet(nnx.Module):
-
   def __init__(self, rngs):
     self.lin = nnx.Linear(D, C, rngs=rngs)
     self.bn = nnx.BatchNorm(C, momentum=0.9, rngs=rngs)
@@ -132,23 +145,26 @@ def test_batch_stats_are_the_mean_over_microbatches():
   model = _BNNet(nnx.Rngs(0))
   kernel = np.asarray(model.lin.kernel[...], np.float64)
   bias = np.asarray(model.lin.bias[...], np.float64)
-  tx = training.make_tx("average", tau=1.0, num_microbatches=2,
-                        inner=optax.sgd(0.0))
-  trainer, state = training.build(model, tx, num_microbatches=2,
-                                  train_x=jnp.asarray(x))
-  state, _ = jax.jit(trainer.run_chunk)(state, jnp.asarray(idx),
-                                        jnp.asarray(y), jax.random.key(0))
+  tx = training.make_tx(
+    "average", tau=1.0, num_microbatches=2, inner=optax.sgd(0.0)
+  )
+  trainer, state = training.build(
+    model, tx, num_microbatches=2, train_x=jnp.asarray(x)
+  )
+  state, _ = jax.jit(trainer.run_chunk)(
+    state, jnp.asarray(idx), jnp.asarray(y), jax.random.key(0)
+  )
   model, _ = nnx.merge(trainer.graphdef, state)
   h = np.asarray(x, np.float64) @ kernel + bias
   expected = np.mean([0.1 * h[m].mean(0) for m in idx[0]], axis=0)
-  np.testing.assert_allclose(model.bn.mean[...], expected, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(model.bn.mean[...], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_method_and_optimizer():
   with pytest.raises(ValueError, match="Unknown method"):
-    training.make_tx("median", tau=1.0, num_microbatches=2,
-                     inner=optax.sgd(0.1))
+    training.make_tx(
+      "median", tau=1.0, num_microbatches=2, inner=optax.sgd(0.1)
+    )
   with pytest.raises(ValueError, match="Unknown optimizer"):
     training.make_inner("lion", 0.1)
   with pytest.raises(ValueError, match="Unknown model"):
@@ -156,12 +172,16 @@ def test_unknown_method_and_optimizer():
 
 
 def test_models_output_shapes():
-  for name, shape in (("mlp", (8, 8, 1)), ("cnn", (8, 8, 1)),
-                      ("resnet18", (32, 32, 3))):
+  for name, shape in (
+    ("mlp", (8, 8, 1)),
+    ("cnn", (8, 8, 1)),
+    ("resnet18", (32, 32, 3)),
+  ):
     # Shapes only (abstract init and forward): an eager ResNet-18 takes half
     # a minute on CPU.
     model = nnx.eval_shape(
-        lambda n=name, s=shape: models.make_model(n, s, 7, seed=0))
+      lambda n=name, s=shape: models.make_model(n, s, 7, seed=0)
+    )
     model.eval()
     graphdef, state = nnx.split(model)
     forward = lambda s, x, g=graphdef: nnx.merge(g, s)(x)
@@ -171,8 +191,9 @@ def test_models_output_shapes():
 
 def test_flip_crop_keeps_shape_and_pixels():
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
-  out = jax.jit(training.flip_crop, static_argnames='pad')(
-      jax.random.key(1), x, pad=2)
+  out = jax.jit(training.flip_crop, static_argnames="pad")(
+    jax.random.key(1), x, pad=2
+  )
   assert out.shape == x.shape
   # Reflect padding only reuses pixels of the same image.
   for i in range(4):
@@ -180,9 +201,18 @@ def test_flip_crop_keeps_shape_and_pixels():
 
 
 def test_cli_writes_table_and_files(tmp_path, capsys):
-  rows = noisy_labels.main([
-      "--steps", "60", "--eval-every", "20", "--tau", "0.9",
-      "--out", str(tmp_path)])
+  rows = noisy_labels.main(
+    [
+      "--steps",
+      "60",
+      "--eval-every",
+      "20",
+      "--tau",
+      "0.9",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   printed = capsys.readouterr().out
   assert "val_acc" in printed and "memorisation" in printed
   assert [r["method"] for r in rows] == ["average", "gaf-sequential"]
@@ -198,8 +228,14 @@ def test_cli_writes_table_and_files(tmp_path, capsys):
   with open(tmp_path / "history.csv") as f:
     history = list(csv.DictReader(f))
   assert len(history) == 6
-  assert {"method", "step", "val_acc", "memorisation", "acceptance_rate",
-          "skip_rate"} <= set(history[0])
+  assert {
+    "method",
+    "step",
+    "val_acc",
+    "memorisation",
+    "acceptance_rate",
+    "skip_rate",
+  } <= set(history[0])
   assert [int(h["step"]) for h in history[:3]] == [20, 40, 60]
   assert (tmp_path / "curves.png").stat().st_size > 10_000
 
@@ -207,11 +243,29 @@ def test_cli_writes_table_and_files(tmp_path, capsys):
 def test_cli_runs_as_a_script(tmp_path):
   """``python examples/noisy_labels.py`` works from the repository root."""
   out = subprocess.run(
-      [sys.executable, "examples/noisy_labels.py", "--method", "gaf",
-       "--epochs", "2", "--eval-every", "13", "--optimizer", "adamw",
-       "--lr", "1e-3", "--out", str(tmp_path)],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-      env={**os.environ, "PYTHONPATH": ROOT})
+    [
+      sys.executable,
+      "examples/noisy_labels.py",
+      "--method",
+      "gaf",
+      "--epochs",
+      "2",
+      "--eval-every",
+      "13",
+      "--optimizer",
+      "adamw",
+      "--lr",
+      "1e-3",
+      "--out",
+      str(tmp_path),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    env={**os.environ, "PYTHONPATH": ROOT},
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = json.loads((tmp_path / "metrics.json").read_text())["final"]
   assert [r["method"] for r in rows] == ["gaf-sequential"]
@@ -228,20 +282,40 @@ def test_cli_rejects_bad_options():
 def test_benchmark_writes_table_plot_and_json(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import noisy_labels_table  # pylint: disable=g-import-not-at-top
-  noisy_labels_table.main([
-      "--steps", "30", "--eval-every", "15", "--seeds", "2",
-      "--noise", "0.0", "0.4", "--taus", "0.8", "--out", str(tmp_path)])
+
+  noisy_labels_table.main(
+    [
+      "--steps",
+      "30",
+      "--eval-every",
+      "15",
+      "--seeds",
+      "2",
+      "--noise",
+      "0.0",
+      "0.4",
+      "--taus",
+      "0.8",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   text = (tmp_path / "noisy_labels.md").read_text()
-  header = ("| noise | method | val acc | best val acc | memorisation |"
-            " acceptance | skipped |")
+  header = (
+    "| noise | method | val acc | best val acc | memorisation |"
+    " acceptance | skipped |"
+  )
   assert header in text
-  rows = [line for line in text.splitlines()
-          if line.startswith(("| 0%", "| 40%"))]
+  rows = [
+    line for line in text.splitlines() if line.startswith(("| 0%", "| 40%"))
+  ]
   assert len(rows) == 4  # 2 noise rates x 2 methods
   assert "Tau sweep at 40% noise" in text
   assert "Pure random labels" in text
-  assert ("Reproduce: `python benchmarks/noisy_labels_table.py --steps 30"
-          " --eval-every 15 --seeds 2 --noise 0.0 0.4 --taus 0.8 --out") in text
+  assert (
+    "Reproduce: `python benchmarks/noisy_labels_table.py --steps 30"
+    " --eval-every 15 --seeds 2 --noise 0.0 0.4 --taus 0.8 --out"
+  ) in text
   results = json.loads((tmp_path / "noisy_labels.json").read_text())
   for method in ("average", "gaf-sequential"):
     for noise in ("0.0", "0.4"):
@@ -255,14 +329,17 @@ def test_benchmark_writes_table_plot_and_json(tmp_path):
   assert all(0.5 <= a <= 1.0 for a in gaf["acceptance_rate"])
   # No noise: nothing is corrupted, so memorisation is 0 by definition.
   assert results["noise"]["average"]["0.0"]["final"]["memorisation"] == [0, 0]
-  assert results["tau_sweep"]["gaf-sequential"]["0.8"]["final"]["val_acc"] \
-      == results["noise"]["gaf-sequential"]["0.4"]["final"]["val_acc"]
+  assert (
+    results["tau_sweep"]["gaf-sequential"]["0.8"]["final"]["val_acc"]
+    == results["noise"]["gaf-sequential"]["0.4"]["final"]["val_acc"]
+  )
   assert (tmp_path / "noisy_labels.png").stat().st_size > 10_000
 
 
 def test_benchmark_rejects_unknown_method():
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import noisy_labels_table  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(SystemExit):
     noisy_labels_table.parse_args(["--methods", "average,median"])
 
@@ -270,14 +347,32 @@ def test_benchmark_rejects_unknown_method():
 def test_cli_on_mock_cifar10_n(tmp_path, monkeypatch):
   """The CIFAR path (uint8 images, augmentation, human labels) end to end."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   test_datasets.place_manual_files(monkeypatch, tmp_path / "manual")
   with tfds.testing.mock_data(num_examples=40):
-    rows = noisy_labels.main([
-        "--dataset", "cifar10_n", "--label-key", "aggre_label", "--model",
-        "mlp", "--per-class", "1", "--steps", "4", "--eval-every", "2",
-        "--method", "gaf", "--out", str(tmp_path)])
-    raw = tfds.data_source("cifar10_n", split="train",
-                           builder_kwargs={"file_format": "array_record"})
+    rows = noisy_labels.main(
+      [
+        "--dataset",
+        "cifar10_n",
+        "--label-key",
+        "aggre_label",
+        "--model",
+        "mlp",
+        "--per-class",
+        "1",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--method",
+        "gaf",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    raw = tfds.data_source(
+      "cifar10_n", split="train", builder_kwargs={"file_format": "array_record"}
+    )
     raw = [raw[i] for i in range(len(raw))]
   metrics = json.loads((tmp_path / "metrics.json").read_text())
   assert metrics["config"]["label_noise"] == 0.0  # the human labels only
@@ -318,17 +413,26 @@ def test_resnet18_gaf_step():
   model = models.ResNet18(3, classes, width=4, rngs=nnx.Rngs(0))
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
   # tau=2 accepts every microgradient: a real step that moves every layer.
-  tx = training.make_tx("gaf-sequential", tau=2.0, num_microbatches=n,
-                        inner=training.make_inner("sgd", 0.1))
-  trainer, state = training.build(model, tx, num_microbatches=n, train_x=x,
-                                  augment=training.flip_crop)
+  tx = training.make_tx(
+    "gaf-sequential",
+    tau=2.0,
+    num_microbatches=n,
+    inner=training.make_inner("sgd", 0.1),
+  )
+  trainer, state = training.build(
+    model, tx, num_microbatches=n, train_x=x, augment=training.flip_crop
+  )
   state, metrics = training.run_stepwise(
-      jax.jit(trainer.step), state, idx, y, jax.random.key(3))
+    jax.jit(trainer.step), state, idx, y, jax.random.key(3)
+  )
   assert metrics.loss.shape == (1,) and np.isfinite(metrics.loss).all()
   assert bool(metrics.ready[0]) and float(metrics.acceptance_rate[0]) == 1.0
   model, opt = nnx.merge(trainer.graphdef, state)
-  moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))),
-                       before, nnx.state(model, nnx.Param))
+  moved = jax.tree.map(
+    lambda a, b: bool(np.any(a != np.asarray(b))),
+    before,
+    nnx.state(model, nnx.Param),
+  )
   assert all(jax.tree.leaves(moved))
   stats = optax_gaf.stats(nnx.as_pure(opt.opt_state))
   assert stats["accepted"].shape == stats["cosine_distance"].shape == (n,)
@@ -338,7 +442,6 @@ def test_resnet18_gaf_step():
 
 
 class _FlatLinear(nnx.Linear):
-
   def __call__(self, x):
     return super().__call__(x.reshape(x.shape[0], -1))
 
@@ -352,11 +455,19 @@ def test_run_stepwise_matches_run_chunk(augment):
   idx = jnp.asarray(rng.permutation(6 * M).reshape(3, 2, M).astype(np.int32))
   out = []
   for stepwise in (False, True):
-    tx = training.make_tx("gaf-sequential", tau=0.9, num_microbatches=2,
-                          inner=training.make_inner("sgd", 0.5))
+    tx = training.make_tx(
+      "gaf-sequential",
+      tau=0.9,
+      num_microbatches=2,
+      inner=training.make_inner("sgd", 0.5),
+    )
     trainer, state = training.build(
-        _FlatLinear(25, C, rngs=nnx.Rngs(0)), tx, num_microbatches=2, train_x=jnp.asarray(x),
-        augment=augment)
+      _FlatLinear(25, C, rngs=nnx.Rngs(0)),
+      tx,
+      num_microbatches=2,
+      train_x=jnp.asarray(x),
+      augment=augment,
+    )
     args = (state, idx, jnp.asarray(y), jax.random.key(7))
     if stepwise:
       out.append(training.run_stepwise(jax.jit(trainer.step), *args))
@@ -364,9 +475,11 @@ def test_run_stepwise_matches_run_chunk(augment):
       out.append(jax.jit(trainer.run_chunk)(*args))
   (s1, m1), (s2, m2) = out
   assert m1.loss.shape == m2.loss.shape == (3,)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-7),
-               (s1, m1), (s2, m2))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    (s1, m1),
+    (s2, m2),
+  )
 
 
 def test_use_stepwise_only_for_conv_nets_on_cpu():
@@ -381,10 +494,13 @@ def test_evaluate_in_chunks_matches_one_call():
   pred = jnp.asarray(rng.integers(0, 3, 23))
   y = jnp.asarray(rng.integers(0, 3, 23))
   w = jnp.asarray(rng.integers(0, 2, 23), jnp.float32)
-  accuracy = lambda state, x, y, w: (jnp.sum((x == y) * w)
-                                     / jnp.maximum(jnp.sum(w), 1.0))
-  expected = float(np.sum((np.asarray(pred) == np.asarray(y)) * np.asarray(w))
-                   / max(float(np.sum(w)), 1.0))
+  accuracy = lambda state, x, y, w: (
+    jnp.sum((x == y) * w) / jnp.maximum(jnp.sum(w), 1.0)
+  )
+  expected = float(
+    np.sum((np.asarray(pred) == np.asarray(y)) * np.asarray(w))
+    / max(float(np.sum(w)), 1.0)
+  )
   for chunk in (5, 7, 23, 100):
     got = noisy_labels._evaluate(accuracy, None, pred, y, w, chunk=chunk)
     assert got == pytest.approx(expected, abs=1e-6), chunk

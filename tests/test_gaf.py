@@ -3,13 +3,15 @@
 import functools
 
 import chex
-from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.experimental import aggregating
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from optax.experimental import aggregating
 
 import optax_gaf
 from tests import oracle
@@ -50,7 +52,8 @@ def _run(grads, tau, rule, n):
 def test_matches_float64_oracle(rule, n, tau, agreement):
   seed = hash((rule, n, tau, agreement)) % 2**32
   leaves, (expected, accepted, dist) = _unambiguous(
-      rule, n, tau, agreement, seed)
+    rule, n, tau, agreement, seed
+  )
   updates, state = _run(_tree(leaves), tau, rule, n)
 
   np.testing.assert_array_equal(state.accepted, accepted)
@@ -66,31 +69,43 @@ def test_outputs_keep_tree_and_shapes():
   leaves, _ = _unambiguous("sequential", 4, 1.0, 0.7, 0)
   updates, _ = _run(_tree(leaves), 1.0, "sequential", 4)
   chex.assert_trees_all_equal_shapes_and_dtypes(
-      updates, jax.tree.map(lambda x: x[0], _tree(leaves)))
+    updates, jax.tree.map(lambda x: x[0], _tree(leaves))
+  )
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 9), seed=st.integers(0, 2**31),
-       rule=st.sampled_from(["sequential", "pairwise"]))
+@given(
+  n=st.integers(2, 9),
+  seed=st.integers(0, 2**31),
+  rule=st.sampled_from(["sequential", "pairwise"]),
+)
 def test_tau_two_accepts_everything(n, seed, rule):
   leaves = oracle.make_microgradients(
-      np.random.default_rng(seed), n, SHAPES, 0.2, flip_prob=0.5)
+    np.random.default_rng(seed), n, SHAPES, 0.2, flip_prob=0.5
+  )
   updates, state = _run(_tree(leaves), 2.0, rule, n)
   assert bool(state.ready) and bool(jnp.all(state.accepted))
   if rule == "sequential":  # tau=2 is the plain mean
     chex.assert_trees_all_close(
-        updates, jax.tree.map(lambda x: x.mean(0), _tree(leaves)),
-        rtol=1e-5, atol=1e-6)
+      updates,
+      jax.tree.map(lambda x: x.mean(0), _tree(leaves)),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 9), seed=st.integers(0, 2**31),
-       tau=st.floats(0.05, 1.95),
-       rule=st.sampled_from(["sequential", "pairwise"]),
-       common=st.floats(-3, 3),
-       log_scales=st.lists(st.floats(-3, 3), min_size=9, max_size=9))
-def test_positive_scaling_keeps_decisions(n, seed, tau, rule, common,
-                                          log_scales):
+@given(
+  n=st.integers(2, 9),
+  seed=st.integers(0, 2**31),
+  tau=st.floats(0.05, 1.95),
+  rule=st.sampled_from(["sequential", "pairwise"]),
+  common=st.floats(-3, 3),
+  log_scales=st.lists(st.floats(-3, 3), min_size=9, max_size=9),
+)
+def test_positive_scaling_keeps_decisions(
+  n, seed, tau, rule, common, log_scales
+):
   """Cosine distance ignores scale, so decisions do too.
 
   A common factor on all microgradients changes nothing but the output's
@@ -99,7 +114,8 @@ def test_positive_scaling_keeps_decisions(n, seed, tau, rule, common,
   one's magnitude weights the running mean that later ones are compared to).
   """
   leaves = oracle.make_microgradients(
-      np.random.default_rng(seed), n, SHAPES, 0.6)
+    np.random.default_rng(seed), n, SHAPES, 0.6
+  )
   _, accepted, dist = ORACLES[rule](oracle.flatten(leaves), tau)
   if oracle.is_ambiguous(dist, tau, 1e-3):
     return
@@ -115,12 +131,17 @@ def test_positive_scaling_keeps_decisions(n, seed, tau, rule, common,
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 12), seed=st.integers(0, 2**31),
-       tau=st.floats(1e-3, 2.0),
-       rule=st.sampled_from(["sequential", "pairwise"]))
+@given(
+  n=st.integers(2, 12),
+  seed=st.integers(0, 2**31),
+  tau=st.floats(1e-3, 2.0),
+  rule=st.sampled_from(["sequential", "pairwise"]),
+)
 def test_identical_microgradients_all_accepted(n, seed, tau, rule):
-  g = [np.random.default_rng(seed).normal(size=s).astype(np.float32)
-       for s in SHAPES]
+  g = [
+    np.random.default_rng(seed).normal(size=s).astype(np.float32)
+    for s in SHAPES
+  ]
   leaves = [np.broadcast_to(x, (n,) + x.shape) for x in g]
   updates, state = _run(_tree(leaves), tau, rule, n)
   assert bool(state.ready) and int(state.num_accepted) == n
@@ -151,10 +172,12 @@ def test_unusable_microgradients_are_as_if_absent(bad, rule):
   chex.assert_trees_all_close(updates, want_updates, rtol=1e-6)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   np.testing.assert_array_equal(
-      np.delete(np.asarray(state.accepted), [0, 3]), want_state.accepted)
+    np.delete(np.asarray(state.accepted), [0, 3]), want_state.accepted
+  )
   assert not state.accepted[0] and not state.accepted[3]
   assert np.isnan(state.cosine_distance[0]) and np.isnan(
-      state.cosine_distance[3])
+    state.cosine_distance[3]
+  )
 
 
 def test_fewer_than_two_usable_is_a_no_agreement_step():
@@ -175,7 +198,8 @@ def test_bf16_in_bf16_out_with_float32_decisions():
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   np.testing.assert_array_equal(state.accepted, want_accepted)
   got = np.concatenate(
-      [np.ravel(np.asarray(x, np.float32)) for x in _leaves(updates)])
+    [np.ravel(np.asarray(x, np.float32)) for x in _leaves(updates)]
+  )
   np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
 
 
@@ -184,8 +208,10 @@ def test_state_shapes_fixed_and_scan_friendly():
   tx = optax.chain(optax_gaf.gaf(0.9, num_microbatches=4), optax.adamw(1e-2))
   state0 = tx.init(params)
   rng = np.random.default_rng(0)
-  gs = {"w": jnp.asarray(rng.normal(size=(5, 4, 3)), jnp.float32),
-        "b": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)}
+  gs = {
+    "w": jnp.asarray(rng.normal(size=(5, 4, 3)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+  }
 
   def step(carry, g):
     p, s = carry
@@ -216,8 +242,11 @@ def _quadratic_problem(n=4, seed=0):
   return params, grads
 
 
-@pytest.mark.parametrize("inner", [
-    optax.sgd(0.1, momentum=0.9), optax.adamw(1e-2)], ids=["sgd_m", "adamw"])
+@pytest.mark.parametrize(
+  "inner",
+  [optax.sgd(0.1, momentum=0.9), optax.adamw(1e-2)],
+  ids=["sgd_m", "adamw"],
+)
 def test_chain_equals_inner_optimizer_on_the_filtered_gradient(inner):
   params, grads = _quadratic_problem()
   tx = optax.chain(optax_gaf.gaf(2.0), inner)
@@ -232,8 +261,9 @@ def test_chain_equals_inner_optimizer_on_the_filtered_gradient(inner):
 
 def test_inject_hyperparams_and_schedule():
   params, grads = _quadratic_problem()
-  tx = optax.chain(optax.inject_hyperparams(optax_gaf.gaf)(tau=0.0),
-                   optax.sgd(1.0))
+  tx = optax.chain(
+    optax.inject_hyperparams(optax_gaf.gaf)(tau=0.0), optax.sgd(1.0)
+  )
   state = tx.init(params)
   _, state = jax.jit(tx.update)(grads, state, params)
   assert not bool(optax_gaf.stats(state)["ready"])
@@ -241,7 +271,8 @@ def test_inject_hyperparams_and_schedule():
   updates, state = jax.jit(tx.update)(grads, state, params)
   assert bool(optax_gaf.stats(state)["ready"])
   chex.assert_trees_all_close(
-      updates, jax.tree.map(lambda g: -g.mean(0), grads), rtol=1e-5)
+    updates, jax.tree.map(lambda g: -g.mean(0), grads), rtol=1e-5
+  )
 
   # A schedule: tau=0 at step 0 (nothing agrees), 2 afterwards.
   tx = optax_gaf.gaf(lambda count: jnp.where(count < 1, 0.0, 2.0))
@@ -255,7 +286,8 @@ def test_inject_hyperparams_and_schedule():
 def test_process_skips_inner_optimizer_on_no_agreement_step():
   params, grads = _quadratic_problem()
   tx = aggregating.process(
-      optax.identity(), optax_gaf.gaf(0.5), optax.adamw(1e-2))
+    optax.identity(), optax_gaf.gaf(0.5), optax.adamw(1e-2)
+  )
   state = tx.init(params)
   agreeing = jax.tree.map(lambda g: jnp.stack([g[0]] * 4), grads)
   updates, state = jax.jit(tx.update)(agreeing, state, params)
@@ -263,7 +295,8 @@ def test_process_skips_inner_optimizer_on_no_agreement_step():
   adam_before = state[2]
   assert int(adam_before[0].count) == 1
   conflicting = jax.tree.map(
-      lambda g: jnp.stack([g[0], -g[0], -g[0], -g[0]]), grads)
+    lambda g: jnp.stack([g[0], -g[0], -g[0], -g[0]]), grads
+  )
   updates, state = jax.jit(tx.update)(conflicting, state, params)
   assert not bool(optax_gaf.stats(state)["ready"])
   chex.assert_trees_all_equal(state[2], adam_before)
@@ -278,19 +311,21 @@ def test_process_skips_inner_optimizer_on_no_agreement_step():
 def test_stats_reads_through_any_nesting():
   params, grads = _quadratic_problem()
   for tx in (
-      optax.chain(optax_gaf.gaf(1.5, num_microbatches=4), optax.sgd(0.1)),
-      aggregating.process(optax.identity(),
-                          optax_gaf.gaf(1.5, num_microbatches=4),
-                          optax.sgd(0.1)),
+    optax.chain(optax_gaf.gaf(1.5, num_microbatches=4), optax.sgd(0.1)),
+    aggregating.process(
+      optax.identity(), optax_gaf.gaf(1.5, num_microbatches=4), optax.sgd(0.1)
+    ),
   ):
     state = tx.init(params)
     _, state = tx.update(grads, state, params)
     s = optax_gaf.stats(state)
     assert s["accepted"].shape == (4,)
-    np.testing.assert_array_equal(optax.tree.get(state, "accepted"),
-                                  s["accepted"])
+    np.testing.assert_array_equal(
+      optax.tree.get(state, "accepted"), s["accepted"]
+    )
     assert float(s["acceptance_rate"]) == pytest.approx(
-        int(s["num_accepted"]) / 4)
+      int(s["num_accepted"]) / 4
+    )
   with pytest.raises(ValueError, match="no GAFState"):
     optax_gaf.stats(optax.sgd(0.1).init(params))
 
@@ -355,8 +390,8 @@ def test_num_microbatches_must_be_static_under_inject_hyperparams():
   with pytest.raises(TypeError, match="static_args"):
     jax.jit(tx.update)(jnp.ones((4, 2)), state)
   tx = optax.inject_hyperparams(
-      optax_gaf.gaf, static_args=("num_microbatches",))(
-          tau=0.9, num_microbatches=4)
+    optax_gaf.gaf, static_args=("num_microbatches",)
+  )(tau=0.9, num_microbatches=4)
   state = tx.init(jnp.zeros(2))
   _, state = jax.jit(tx.update)(jnp.ones((4, 2)), state)
   assert optax_gaf.stats(state)["accepted"].shape == (4,)

@@ -22,25 +22,34 @@ D = 8
 SHAPES = ((13,), (3, 5))  # neither leaf is a multiple of D
 
 CASES = {
-    "medoid": lambda n, **kw: optax_gaf.gaf(
-        0.8, rule="medoid", num_microbatches=n, **kw),
-    "soft": lambda n, **kw: optax_gaf.gaf(
-        0.8, rule="soft", temperature=0.1, num_microbatches=n, **kw),
-    "sequential_per_leaf": lambda n, **kw: optax_gaf.gaf(
-        0.8, granularity="per_leaf", num_microbatches=n, **kw),
-    "pairwise_per_leaf": lambda n, **kw: optax_gaf.gaf(
-        0.8, rule="pairwise", granularity="per_leaf", num_microbatches=n, **kw),
-    "medoid_per_leaf": lambda n, **kw: optax_gaf.gaf(
-        0.8, rule="medoid", granularity="per_leaf", num_microbatches=n, **kw),
-    "soft_per_leaf": lambda n, **kw: optax_gaf.gaf(
-        0.8, rule="soft", granularity="per_leaf", num_microbatches=n, **kw),
-    "adaptive_tau": lambda n, **kw: optax_gaf.gaf(
-        1.0, num_microbatches=n,
-        adaptive_tau=optax_gaf.AdaptiveTau(k=0.5, history=3 * n), **kw),
-    "and_mask": lambda n, **kw: optax_gaf.and_mask(
-        0.5, scale_grad_inverse_sparsity=True, **kw),
-    "adacons": lambda n, **kw: optax_gaf.adacons(
-        0.9, num_microbatches=n, **kw),
+  "medoid": lambda n, **kw: optax_gaf.gaf(
+    0.8, rule="medoid", num_microbatches=n, **kw
+  ),
+  "soft": lambda n, **kw: optax_gaf.gaf(
+    0.8, rule="soft", temperature=0.1, num_microbatches=n, **kw
+  ),
+  "sequential_per_leaf": lambda n, **kw: optax_gaf.gaf(
+    0.8, granularity="per_leaf", num_microbatches=n, **kw
+  ),
+  "pairwise_per_leaf": lambda n, **kw: optax_gaf.gaf(
+    0.8, rule="pairwise", granularity="per_leaf", num_microbatches=n, **kw
+  ),
+  "medoid_per_leaf": lambda n, **kw: optax_gaf.gaf(
+    0.8, rule="medoid", granularity="per_leaf", num_microbatches=n, **kw
+  ),
+  "soft_per_leaf": lambda n, **kw: optax_gaf.gaf(
+    0.8, rule="soft", granularity="per_leaf", num_microbatches=n, **kw
+  ),
+  "adaptive_tau": lambda n, **kw: optax_gaf.gaf(
+    1.0,
+    num_microbatches=n,
+    adaptive_tau=optax_gaf.AdaptiveTau(k=0.5, history=3 * n),
+    **kw,
+  ),
+  "and_mask": lambda n, **kw: optax_gaf.and_mask(
+    0.5, scale_grad_inverse_sparsity=True, **kw
+  ),
+  "adacons": lambda n, **kw: optax_gaf.adacons(0.9, num_microbatches=n, **kw),
 }
 # Cases whose state carries over (momentum, tau history) run two steps.
 TWO_STEPS = ("adaptive_tau", "adacons")
@@ -64,8 +73,12 @@ def _params():
 
 
 def _shard_map_update(agg):
-  step = jax.shard_map(lambda g, s: agg.update(g, s), mesh=_mesh(),
-                       in_specs=(P("data"), P()), out_specs=(P(), P()))
+  step = jax.shard_map(
+    lambda g, s: agg.update(g, s),
+    mesh=_mesh(),
+    in_specs=(P("data"), P()),
+    out_specs=(P(), P()),
+  )
   return jax.jit(step)
 
 
@@ -78,8 +91,9 @@ def _assert_same(got, want):
       np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("case, n_local", [(c, 2) for c in sorted(CASES)]
-                         + [("medoid", 1)])
+@pytest.mark.parametrize(
+  "case, n_local", [(c, 2) for c in sorted(CASES)] + [("medoid", 1)]
+)
 def test_shard_map_equals_single_device(case, n_local):
   n = D * n_local
   single, single_update, multi = _aggregators(case, n, "all_to_all")
@@ -99,8 +113,9 @@ def test_shard_map_equals_single_device(case, n_local):
 
 def _draw(n, seed):
   """Microgradients on one device, and the same sharded over the mesh."""
-  leaves = oracle.make_microgradients(np.random.default_rng(seed), n, SHAPES,
-                                      0.5)
+  leaves = oracle.make_microgradients(
+    np.random.default_rng(seed), n, SHAPES, 0.5
+  )
   grads = {"w": leaves[0], "b": leaves[1]}
   return grads, jax.device_put(grads, NamedSharding(_mesh(), P("data")))
 

@@ -27,7 +27,8 @@ from tests import oracle  # noqa: E402
 def _model(seed):
   torch.manual_seed(seed)
   return torch.nn.Sequential(
-      torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+  )
 
 
 def _microbatches(seed, n, size=6):
@@ -50,8 +51,12 @@ def _microgradients(model, microbatches):
   return [np.stack(s) for s in per_param]
 
 
-CASES = [(n, tau, seed) for n in (2, 3, 5, 8) for tau in (0.05, 0.6, 0.95, 1.2)
-         for seed in range(3)]
+CASES = [
+  (n, tau, seed)
+  for n in (2, 3, 5, 8)
+  for tau in (0.05, 0.6, 0.95, 1.2)
+  for seed in range(3)
+]
 
 
 @pytest.mark.parametrize("n,tau,seed", CASES)
@@ -66,18 +71,27 @@ def test_pairwise_matches_step_gaf(n, tau, seed):
   before = [p.detach().clone() for p in model.parameters()]
   optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
   result = reference.step_GAF(
-      model, optimizer, torch.nn.functional.cross_entropy, microbatches,
-      wandb=False, verbose=False, cos_distance_thresh=tau)
-  applied = [(b - p.detach()).numpy()
-             for b, p in zip(before, model.parameters())]
+    model,
+    optimizer,
+    torch.nn.functional.cross_entropy,
+    microbatches,
+    wandb=False,
+    verbose=False,
+    cos_distance_thresh=tau,
+  )
+  applied = [
+    (b - p.detach()).numpy() for b, p in zip(before, model.parameters())
+  ]
 
   tx = optax_gaf.gaf(tau, rule="pairwise", num_microbatches=n)
   params = [jnp.asarray(b.numpy()) for b in before]
-  updates, state = tx.update([jnp.asarray(x) for x in leaves],
-                             tx.init(params), params)
+  updates, state = tx.update(
+    [jnp.asarray(x) for x in leaves], tx.init(params), params
+  )
 
   assert result["agreed_count"] == int(state.num_accepted) - 1 or (
-      result["agreed_count"] == 0 and not bool(state.ready))
+    result["agreed_count"] == 0 and not bool(state.ready)
+  )
   assert bool(state.ready) == (result["agreed_count"] > 0)
   np.testing.assert_array_equal(state.accepted, accepted)
   for got, ref in zip(updates, applied):

@@ -19,8 +19,10 @@ def loss_fn(params, batch):
 
 def problem(seed, size=N * 2):
   keys = jax.random.split(jax.random.key(seed), 4)
-  params = {"w": jax.random.normal(keys[0], (3, 4)),
-            "v": jax.random.normal(keys[1], (4,))}
+  params = {
+    "w": jax.random.normal(keys[0], (3, 4)),
+    "v": jax.random.normal(keys[1], (4,)),
+  }
   x = jax.random.normal(keys[2], (size, 3))
   # Noisy labels: some microbatches pull against the rest.
   y = x[:, 0] + 2.0 * jax.random.normal(keys[3], (size,))
@@ -29,8 +31,10 @@ def problem(seed, size=N * 2):
 
 def make_run(streaming, rule, tau, steps=3):
   tx = aggregating.process(
-      optax.identity(), optax_gaf.gaf(tau, rule=rule, num_microbatches=N),
-      optax.sgd(0.1, momentum=0.9))
+    optax.identity(),
+    optax_gaf.gaf(tau, rule=rule, num_microbatches=N),
+    optax.sgd(0.1, momentum=0.9),
+  )
   if streaming:
     grad_fn = optax_gaf.streaming_grads(loss_fn, N, tau, rule=rule)
   else:
@@ -63,17 +67,31 @@ def test_streaming_equals_vmap(rule):
       dist = np.asarray(st_v["cosine_distance"])
       assert np.min(np.abs(dist - tau)) > 1e-4  # no near-ties in these cases
       np.testing.assert_allclose(loss_s, loss_v, rtol=1e-5)
-      for key in ("accepted", "ready", "num_accepted", "skipped_steps",
-                  "count"):
+      for key in (
+        "accepted",
+        "ready",
+        "num_accepted",
+        "skipped_steps",
+        "count",
+      ):
         np.testing.assert_array_equal(st_s[key], st_v[key], err_msg=key)
-      for key in ("cosine_distance", "acceptance_rate", "gradient_diversity",
-                  "tau", "skip_rate"):
-        np.testing.assert_allclose(st_s[key], st_v[key], rtol=1e-5,
-                                   atol=1e-6, err_msg=key)
+      for key in (
+        "cosine_distance",
+        "acceptance_rate",
+        "gradient_diversity",
+        "tau",
+        "skip_rate",
+      ):
+        np.testing.assert_allclose(
+          st_s[key], st_v[key], rtol=1e-5, atol=1e-6, err_msg=key
+        )
       seen_reject |= not np.all(st_v["accepted"])
       seen_accept |= int(st_v["num_accepted"]) > 1
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                         atol=1e-6), p_s, p_v)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      p_s,
+      p_v,
+    )
   assert seen_reject and seen_accept  # the cases exercise both branches
 
 
@@ -82,30 +100,37 @@ def test_accumulator_in_optax_microbatch_equals_gaf():
   params, batch = problem(7)
   tau = 0.9
   acc = optax_gaf.gaf_accumulator(tau, rule="pairwise", num_microbatches=N)
-  out = jax.jit(optax.microbatching.microbatch(
-      jax.grad(loss_fn), argnums=1, microbatch_size=2, accumulator=acc))(
-          params, batch)
+  out = jax.jit(
+    optax.microbatching.microbatch(
+      jax.grad(loss_fn), argnums=1, microbatch_size=2, accumulator=acc
+    )
+  )(params, batch)
   # optax's microbatch i holds rows i, i + N, ...: stack the same ones.
-  strided = jax.tree.map(lambda x: x.reshape((2, N) + x.shape[1:]).swapaxes(
-      0, 1), batch)
+  strided = jax.tree.map(
+    lambda x: x.reshape((2, N) + x.shape[1:]).swapaxes(0, 1), batch
+  )
   grads = jax.vmap(jax.grad(loss_fn), (None, 0))(params, strided)
   tx = optax_gaf.gaf(tau, rule="pairwise", num_microbatches=N)
   updates, state = jax.jit(tx.update)(grads, tx.init(params))
   np.testing.assert_array_equal(out.accepted, state.accepted)
   assert 1 < int(state.num_accepted) < N
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-6),
-               out.updates, updates)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    out.updates,
+    updates,
+  )
   # micro_vmap's `aggregate` route filters stacked microgradients alike.
-  np.testing.assert_array_equal(jax.jit(acc.aggregate)(grads).accepted,
-                                state.accepted)
+  np.testing.assert_array_equal(
+    jax.jit(acc.aggregate)(grads).accepted, state.accepted
+  )
 
 
 def test_non_finite_microgradient_excluded_like_vmap():
   params, batch = problem(1)
   batch["x"] = batch["x"].at[4, 0].set(jnp.nan)  # poisons microbatch 2
   losses, filtered = jax.jit(optax_gaf.streaming_grads(loss_fn, N, 1.5))(
-      params, batch)
+    params, batch
+  )
   assert np.isnan(losses[2])
   assert np.isnan(filtered.cosine_distance[2]) and not filtered.accepted[2]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(filtered.updates))
@@ -113,18 +138,25 @@ def test_non_finite_microgradient_excluded_like_vmap():
   _, grads = optax_gaf.microbatch_grads(loss_fn, N)(params, batch)
   updates, state = jax.jit(tx.update)(grads, tx.init(params))
   np.testing.assert_array_equal(filtered.accepted, state.accepted)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
-               filtered.updates, updates)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+    filtered.updates,
+    updates,
+  )
 
 
 def test_no_agreement_skips_the_optimizer():
   """Through aggregating.process, a no-agreement step leaves all untouched."""
+
   def lin(w, b):
     return jnp.mean(b["x"] @ w)  # gradient: the microbatch's mean x
+
   batch = {"x": jnp.concatenate([jnp.eye(3), -jnp.eye(3)])}  # all disagree
   tx = aggregating.process(
-      optax.identity(), optax_gaf.gaf(0.5, num_microbatches=N),
-      optax.sgd(0.1, momentum=0.9))
+    optax.identity(),
+    optax_gaf.gaf(0.5, num_microbatches=N),
+    optax.sgd(0.1, momentum=0.9),
+  )
   params = jnp.ones(3)
   state = tx.init(params)
   momentum = optax.tree.get(state, "trace")
@@ -133,8 +165,9 @@ def test_no_agreement_skips_the_optimizer():
   updates, new_state = jax.jit(tx.update)(filtered, state, params)
   assert not bool(filtered.ready)
   np.testing.assert_array_equal(updates, jnp.zeros(3))
-  np.testing.assert_array_equal(optax.tree.get(new_state, "trace"),
-                                momentum + 1.0)
+  np.testing.assert_array_equal(
+    optax.tree.get(new_state, "trace"), momentum + 1.0
+  )
   assert int(optax_gaf.stats(new_state)["skipped_steps"]) == 1
 
 
@@ -145,8 +178,13 @@ def test_streaming_memory_does_not_grow_with_n():
   def temp(n):
     batch = {"x": jnp.zeros((n * 2, 64)), "y": jnp.zeros(n * 2)}
     fn = optax_gaf.streaming_grads(loss_fn, n, 0.9)
-    return jax.jit(fn).lower(params, batch).compile().memory_analysis(
-        ).temp_size_in_bytes
+    return (
+      jax.jit(fn)
+      .lower(params, batch)
+      .compile()
+      .memory_analysis()
+      .temp_size_in_bytes
+    )
 
   small, large = temp(4), temp(32)
   assert large <= small + 32 * 64  # at most a few [N] vectors more
@@ -158,12 +196,15 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="num_microbatches must be"):
     optax_gaf.streaming_grads(loss_fn, 1, 0.5)
   params, batch = problem(0)
-  _, filtered = jax.eval_shape(optax_gaf.streaming_grads(loss_fn, N, 0.9),
-                               params, batch)
+  _, filtered = jax.eval_shape(
+    optax_gaf.streaming_grads(loss_fn, N, 0.9), params, batch
+  )
   tx = optax_gaf.gaf(0.9, num_microbatches=N + 1)
   with pytest.raises(ValueError, match="FilteredGradients of 6"):
     tx.update(filtered, tx.init(params))
-  for tx in (optax_gaf.gaf(0.9, rule="medoid"),
-             optax_gaf.gaf(0.9, adaptive_tau=optax_gaf.AdaptiveTau())):
+  for tx in (
+    optax_gaf.gaf(0.9, rule="medoid"),
+    optax_gaf.gaf(0.9, adaptive_tau=optax_gaf.AdaptiveTau()),
+  ):
     with pytest.raises(ValueError, match="already filtered"):
       tx.update(filtered, tx.init(params))
