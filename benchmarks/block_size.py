@@ -1,6 +1,6 @@
 """Times the filter alone on the vmap path for several block sizes.
 
-``_streaming.filter_microgradients`` walks the N microgradients in blocks: one
+``_blockwise.filter_blocks`` walks the N microgradients in blocks: one
 B x B Gram matrix per block, B dot products with the carried aggregate, one
 fold. B = 1 is a pure stream, B >= N the full Gram matrix. The gradients are
 the small CNN's parameters (25.6k) stacked N times; ``mean`` is the plain
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from benchmarks import _common
-from optax_gaf import _streaming
+from optax_gaf import _blockwise
 
 
 def main():
@@ -30,8 +30,8 @@ def main():
     fns = {}
     for b in (1, 4, 16, 64):
       f = jax.jit(
-        lambda g, b=b: _streaming.filter_microgradients(
-          g, 0.97, "sequential", block_size=b
+        lambda g, b=b: _blockwise.filter_blocks(
+          jax.tree.leaves(g), 0.97, 1.0, block_size=b
         )
       )
       fns[f"B={b}"] = lambda f=f: f(grads)

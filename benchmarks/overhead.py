@@ -25,34 +25,26 @@ import argparse
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from optax.experimental import aggregating
 from tqdm import tqdm
 
 import optax_gaf
 from benchmarks import _common
-from optax_gaf import _rules
-from optax_gaf import _statistics
+from optax_gaf import rules
 
 TAU = 0.97  # the paper's default; a random CNN accepts some and rejects some
 
 
 def gram_sequential(tau):
-  """The Gram route for the sequential rule (what gaf() did before)."""
+  """The sequential rule through the full Gram matrix, for reference.
 
-  def update(grads, state, params=None):
-    del params
-    leaves, treedef = jax.tree.flatten(grads)
-    gram = _statistics.gram(leaves)
-    usable = _statistics.usable_from_gram(gram)
-    out = _rules.sequential(
-      _statistics.sanitize_gram(gram, usable), usable, jnp.float32(tau)
-    )
-    combined = _statistics.weighted_sum(leaves, out.weights, usable)
-    return treedef.unflatten(combined), {"ready": out.ready}
-
-  return aggregating.Aggregator(lambda p: {"ready": jnp.ones([], bool)}, update)
+  A rule that gaf() does not know as a running-aggregate rule takes the Gram
+  route whatever N, so wrapping ``rules.sequential`` forces it.
+  """
+  return optax_gaf.gaf(
+    tau, rule=lambda gram, usable, t: rules.sequential(gram, usable, t)
+  )
 
 
 def variants(n):

@@ -6,21 +6,24 @@ built from three stages: the Gram matrix of microgradient inner products, a
 rule that turns it into weights, and the weighted sum.
 """
 
+from optax_gaf import rules
 from optax_gaf._adacons import AdaConsState
 from optax_gaf._adacons import adacons
-from optax_gaf._aggregator import GAFState
-from optax_gaf._aggregator import gaf
-from optax_gaf._aggregator import stats
-from optax_gaf._collectives import make_placement
+from optax_gaf._and_mask import AndMaskState
+from optax_gaf._and_mask import and_mask
+from optax_gaf._gaf import GAFState
+from optax_gaf._gaf import gaf
+from optax_gaf._gaf import streamed
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
-from optax_gaf._rules import AdaptiveTau
-from optax_gaf._rules import RuleOutput
-from optax_gaf._sign import AndMaskState
-from optax_gaf._sign import and_mask
+from optax_gaf._placement import Placement
+from optax_gaf._placement import resolve_placement
+from optax_gaf._stats import stats
 from optax_gaf._streaming import FilteredGradients
 from optax_gaf._streaming import gaf_accumulator
 from optax_gaf._streaming import streaming_grads
+from optax_gaf._threshold import AdaptiveTau
+from optax_gaf.rules import RuleOutput
 
 __version__ = "0.1.0"
 
@@ -30,14 +33,17 @@ __all__ = (
   "AndMaskState",
   "FilteredGradients",
   "GAFState",
+  "Placement",
   "RuleOutput",
   "adacons",
   "and_mask",
   "gaf",
   "gaf_accumulator",
-  "make_placement",
   "microbatch_grads",
+  "resolve_placement",
+  "rules",
   "split_microbatches",
   "stats",
+  "streamed",
   "streaming_grads",
 )

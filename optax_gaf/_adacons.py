@@ -9,38 +9,37 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from optax.experimental import aggregating
 
-from optax_gaf import _aggregator
-from optax_gaf import _collectives
-from optax_gaf import _statistics
+from optax_gaf import _checks
+from optax_gaf import _gram
+from optax_gaf import _placement
+from optax_gaf import _stats
 
 
 class AdaConsState(NamedTuple):
   """State of :func:`adacons`.
 
   Attributes:
-    count: int32, the number of ``update`` calls so far.
+    count: int32, the number of ``update`` calls so far (saturating).
     ready: bool, False when no consensus exists (no usable microgradient, or
       coefficients that do not sum to a positive number): the update is zero
       and ``aggregating.process`` skips the inner optimizer.
-    coefficients: float32 ``[N]``, the normalised coefficients ``alpha_i`` of
-      the last step (summing to one). Shape ``[0]`` without
-      ``num_microbatches``.
-    sorted_momentum: float32 ``[N]``, the moving average of the sorted raw
-      coefficients (the subspace momentum). Shape ``[0]`` when ``momentum``
-      is 0 and ``num_microbatches`` is not given.
     skipped_steps: int32, the number of steps with ``ready`` False.
     gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2``.
+    coefficients: float32 ``[N]``, the normalised coefficients ``alpha_i`` of
+      the last step (summing to one). None without ``num_microbatches``.
+    sorted_momentum: float32 ``[N]``, the moving average of the sorted raw
+      coefficients (the subspace momentum). None without
+      ``num_microbatches``.
   """
 
   count: jax.Array
   ready: jax.Array
-  coefficients: jax.Array
-  sorted_momentum: jax.Array
   skipped_steps: jax.Array
   gradient_diversity: jax.Array
+  coefficients: jax.Array | None = None
+  sorted_momentum: jax.Array | None = None
 
 
 def consensus_weights(gram, usable, sorted_momentum, first, momentum, rescale):
@@ -85,7 +84,7 @@ def adacons(
   *,
   num_microbatches: int | None = None,
   rescale: bool = True,
-  axis_name: _collectives.AxisName | None = None,
+  axis_name: _placement.AxisName | None = None,
   collective: str = "all_to_all",
 ) -> aggregating.Aggregator:
   r"""Adaptive consensus gradient aggregation (AdaCons).
@@ -148,40 +147,34 @@ def adacons(
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"momentum must lie in [0, 1); got {momentum}.")
   if num_microbatches is not None:
-    num_microbatches = _aggregator._static_int(  # pylint: disable=protected-access
-      num_microbatches, "num_microbatches"
-    )
-    if num_microbatches < 1:
-      raise ValueError(
-        f"num_microbatches must be >= 1; got {num_microbatches}."
-      )
+    num_microbatches = _checks.num_microbatches(num_microbatches)
   elif momentum > 0:
     raise ValueError(
       "adacons(momentum > 0) keeps the sorted coefficients in the state and"
       " needs num_microbatches=N to fix their shape."
     )
-  n_state = num_microbatches or 0
-  placement = _collectives.make_placement(axis_name, collective)
+  _placement.check_placement(axis_name, collective)
 
   def init_fn(params):
     del params
+    per_n = None
+    if num_microbatches is not None:
+      per_n = jnp.zeros([num_microbatches], jnp.float32)
     return AdaConsState(
-      count=jnp.zeros([], jnp.int32),
-      ready=jnp.ones([], bool),
-      coefficients=jnp.zeros([n_state], jnp.float32),
-      sorted_momentum=jnp.zeros([n_state], jnp.float32),
-      skipped_steps=jnp.zeros([], jnp.int32),
-      gradient_diversity=jnp.zeros([], jnp.float32),
+      **_stats.init_counters(), coefficients=per_n, sorted_momentum=per_n
     )
 
-  def update_fn(grads, state, params=None):
-    leaves, treedef, n, gram, usable = _aggregator.gram_stage(
-      grads, params, placement
-    )
+  def update_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    _checks.microgradients(grads, params)
+    leaves, treedef = jax.tree.flatten(grads)
+    placement = _placement.resolve_placement(leaves, axis_name, collective)
+    n = placement.num_microgradients(leaves[0].shape[0])
     if num_microbatches is not None and n != num_microbatches:
       raise ValueError(
         f"adacons(num_microbatches={num_microbatches}) got {n} microgradients."
       )
+    gram, usable = _placement.statistics(placement, leaves)
     weights, ready, alpha, sorted_m = consensus_weights(
       gram,
       usable,
@@ -191,13 +184,11 @@ def adacons(
       rescale,
     )
     updates = treedef.unflatten(placement.combine(leaves, weights, usable))
+    recorded = num_microbatches is not None
     new_state = AdaConsState(
-      count=optax.safe_increment(state.count),
-      ready=ready,
-      coefficients=alpha if n_state else state.coefficients,
-      sorted_momentum=sorted_m if n_state else state.sorted_momentum,
-      skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
-      gradient_diversity=_statistics.gradient_diversity(gram),
+      **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
+      coefficients=alpha if recorded else None,
+      sorted_momentum=sorted_m if recorded else None,
     )
     return updates, new_state
 

@@ -5,17 +5,17 @@ from typing import Any
 
 import jax
 
+from optax_gaf import _checks
+
 
 def split_microbatches(batch: Any, num_microbatches: int) -> Any:
   """Reshapes every leaf ``[B, ...]`` of ``batch`` to ``[N, B // N, ...]``.
 
   Raises:
+    TypeError: if ``num_microbatches`` is not an int.
     ValueError: if the leaves disagree on B, or B is not a multiple of N.
   """
-  if not isinstance(num_microbatches, int) or num_microbatches < 1:
-    raise ValueError(
-      f"num_microbatches must be a positive int; got {num_microbatches!r}."
-    )
+  num_microbatches = _checks.num_microbatches(num_microbatches, minimum=1)
   leaves = jax.tree_util.tree_leaves_with_path(batch)
   if not leaves:
     raise ValueError("The batch pytree has no leaves.")

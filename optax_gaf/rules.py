@@ -5,13 +5,51 @@ A rule sees only the ``[N, N]`` float32 Gram matrix ``G[i, j] = <g_i, g_j>``
 microgradients and the threshold ``tau``. It returns a :class:`RuleOutput`.
 It never touches the gradients themselves, so it runs unchanged on every device
 and costs O(N^2) scalar work, nothing per parameter.
+
+Any callable with the :class:`Rule` signature can be passed to
+``optax_gaf.gaf(rule=...)``; it then works on one device, across devices and
+per leaf with no other code.
+
+Examples:
+  A rule that accepts every usable microgradient within ``tau`` of the mean
+  of the usable ones, from the Gram matrix alone (``<g_i, m> = (G u)_i / k``
+  and ``||m||^2 = u^T G u / k^2``):
+
+  >>> import jax.numpy as jnp, optax, optax_gaf
+  >>> from optax_gaf import rules
+  >>> def near_mean(gram, usable, tau):
+  ...   u = usable.astype(gram.dtype)
+  ...   dist = rules.cosine_distance(gram @ u, jnp.diagonal(gram), u @ gram @ u)
+  ...   dist = jnp.where(usable, dist, jnp.nan)
+  ...   accepted = usable & (dist <= tau)
+  ...   ready = jnp.sum(accepted) >= 2
+  ...   weights = jnp.where(ready, accepted / jnp.maximum(accepted.sum(), 1), 0)
+  ...   return rules.RuleOutput(weights, ready, accepted, dist)
+  >>> tx = optax_gaf.gaf(0.5, rule=near_mean, num_microbatches=3)
+  >>> state = tx.init(jnp.zeros(2))
+  >>> grads = jnp.array([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.5]])
+  >>> updates, state = tx.update(grads, state)
+  >>> updates, state.accepted
+  (Array([1.  , 0.05], dtype=float32), Array([ True,  True, False], dtype=bool))
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+
+from optax_gaf import _gram
+
+__all__ = (
+  "Rule",
+  "RuleOutput",
+  "cosine_distance",
+  "medoid",
+  "pairwise",
+  "sequential",
+  "soft",
+)
 
 
 class RuleOutput(NamedTuple):
@@ -21,8 +59,9 @@ class RuleOutput(NamedTuple):
     weights: ``[N]`` float32. The update is ``sum_i weights[i] * g_i``. All zero
       on a no-agreement step.
     ready: bool scalar. False on a no-agreement step.
-    accepted: ``[N]`` bool. The anchor and every microgradient taken into the
-      result; on a no-agreement step only the anchor.
+    accepted: ``[N]`` bool. The microgradients taken into the result (for the
+      built-in rules: the anchor and those that agree; on a no-agreement step
+      only the anchor).
     cosine_distance: ``[N]`` float32. Each microgradient's cosine distance when
       it was compared (0 for the anchor, NaN for unusable ones).
   """
@@ -33,11 +72,31 @@ class RuleOutput(NamedTuple):
   cosine_distance: jax.Array
 
 
-Rule = Callable[[jax.Array, jax.Array, jax.Array], RuleOutput]
+class Rule(Protocol):
+  """The signature of an agreement rule.
+
+  A rule must be a pure, jit-able function of small arrays; it is traced once
+  per ``update`` (and ``vmap``-ed over leaves with ``granularity="per_leaf"``).
+  """
+
+  def __call__(
+    self, gram: jax.Array, usable: jax.Array, tau: jax.Array
+  ) -> RuleOutput:
+    """Decides one step.
+
+    Args:
+      gram: ``[N, N]`` float32 Gram matrix, zero on unusable rows and columns.
+      usable: ``[N]`` bool, the finite and nonzero microgradients.
+      tau: float32 scalar, the threshold of this step.
+
+    Returns:
+      A :class:`RuleOutput`; the weights of unusable microgradients are
+      ignored.
+    """
 
 
 def cosine_distance(dot, sq_norm_a, sq_norm_b):
-  """``1 - cos`` from an inner product and two squared norms, in [0, 2].
+  """``1 - cos`` from an inner product and two squared norms, in ``[0, 2]``.
 
   A zero norm gives cosine 0 (distance 1), as ``torch.cosine_similarity`` does.
   """
@@ -46,9 +105,21 @@ def cosine_distance(dot, sq_norm_a, sq_norm_b):
   return 1.0 - jnp.clip(cos, -1.0, 1.0)
 
 
+class StreamResult(NamedTuple):
+  """The outcome of :func:`stream_decisions` (see there)."""
+
+  alpha: jax.Array
+  w: jax.Array
+  sq_norm: jax.Array
+  has_anchor: jax.Array
+  taken: jax.Array
+  agreed: jax.Array
+  cosine_distance: jax.Array
+
+
 def stream_decisions(
   gram, usable, tau, shrink, cross=None, sq_norm=0.0, has_anchor=False
-):
+) -> StreamResult:
   """Streams microgradients in order against a running aggregate.
 
   The aggregate is ``A = alpha * C + sum_j w_j g_j``, where ``C`` is an
@@ -57,7 +128,7 @@ def stream_decisions(
   incrementally. On acceptance ``A <- shrink * (A + g_j)``: ``shrink=1`` is
   the running sum (its direction is the running mean's), ``shrink=1/2`` the
   pairwise average. The Gram route is one call with nothing carried in; the
-  fast path calls it once per block.
+  block route calls it once per block.
 
   Args:
     gram: ``[B, B]`` sanitized Gram matrix of these microgradients.
@@ -69,8 +140,7 @@ def stream_decisions(
     has_anchor: whether ``C`` holds an anchor already.
 
   Returns:
-    ``(alpha, w, sq_norm, has_anchor, taken, agreed, cosine_distance)``:
-    the aggregate's coefficients and state after the stream, and per
+    The aggregate's coefficients and state after the stream, and per
     microgradient whether it was taken (anchor or agreed), agreed, and its
     distance (0 for the anchor, NaN when unusable).
   """
@@ -81,7 +151,7 @@ def stream_decisions(
   def step(carry, xs):
     alpha, w, sq, has = carry
     j, row, cross_j, sq_j, ok = xs
-    dot = alpha * cross_j + jnp.dot(row, w, precision=jax.lax.Precision.HIGHEST)
+    dot = alpha * cross_j + jnp.dot(row, w, precision=_gram.PRECISION)
     dist = cosine_distance(dot, sq_j, sq)
     is_anchor = ok & ~has
     agrees = ok & has & (dist <= tau)
@@ -89,7 +159,9 @@ def stream_decisions(
     alpha = jnp.where(agrees, shrink * alpha, alpha)
     w = jnp.where(is_anchor, e_j, jnp.where(agrees, shrink * (w + e_j), w))
     sq = jnp.where(
-      is_anchor, sq_j, jnp.where(agrees, shrink**2 * (sq + 2 * dot + sq_j), sq)
+      is_anchor,
+      sq_j,
+      jnp.where(agrees, shrink**2 * (sq + 2 * dot + sq_j), sq),
     )
     dist = jnp.where(is_anchor, 0.0, jnp.where(ok, dist, jnp.nan))
     return (alpha, w, sq, has | ok), (is_anchor | agrees, agrees, dist)
@@ -102,28 +174,34 @@ def stream_decisions(
   )
   xs = (jnp.arange(n), gram, cross, jnp.diagonal(gram), usable)
   (alpha, w, sq, has), (taken, agreed, dist) = jax.lax.scan(step, init, xs)
-  return alpha, w, sq, has, taken, agreed, dist.astype(jnp.float32)
+  return StreamResult(
+    alpha, w, sq, has, taken, agreed, dist.astype(jnp.float32)
+  )
 
 
-def _running_aggregate(gram, usable, tau, shrink):
-  """The whole stream from the Gram matrix: ``(a, ready, accepted, dist)``."""
-  _, a, _, _, taken, agreed, dist = stream_decisions(gram, usable, tau, shrink)
+def running_output(w, taken, agreed, dist, shrink) -> RuleOutput:
+  """The :class:`RuleOutput` of a finished stream with coefficients ``w``.
+
+  On a no-agreement step only the anchor stays marked. The running sum's
+  coefficients are 1 on the taken ones, so ``shrink=1`` divides by their
+  number; the pairwise average's are the weights already.
+  """
   ready = jnp.any(agreed)
-  # On a no-agreement step only the anchor stays marked.
   accepted = jnp.where(ready, taken, taken & ~agreed)
-  return a, ready, accepted, dist
+  norm = jnp.maximum(jnp.sum(w), 1.0) if shrink == 1.0 else 1.0
+  weights = jnp.where(ready, w / norm, 0.0)
+  return RuleOutput(weights, ready, accepted, dist)
 
 
 def sequential(gram, usable, tau) -> RuleOutput:
-  """The paper's Algorithm 1 against the running mean of accepted microgradients.
+  """The paper's Algorithm 1 against the running mean of accepted ones.
 
   The first usable microgradient is the anchor; each later one is accepted iff
   its cosine distance to the mean of those accepted so far is ``<= tau``. The
   output weights are ``1/k`` on the ``k`` accepted microgradients.
   """
-  a, ready, accepted, dist = _running_aggregate(gram, usable, tau, 1.0)
-  weights = jnp.where(ready, a / jnp.maximum(jnp.sum(a), 1.0), 0.0)
-  return RuleOutput(weights, ready, accepted, dist)
+  s = stream_decisions(gram, usable, tau, 1.0)
+  return running_output(s.w, s.taken, s.agreed, s.cosine_distance, 1.0)
 
 
 def pairwise(gram, usable, tau) -> RuleOutput:
@@ -131,9 +209,8 @@ def pairwise(gram, usable, tau) -> RuleOutput:
 
   Earlier microgradients' weights halve with each later acceptance.
   """
-  a, ready, accepted, dist = _running_aggregate(gram, usable, tau, 0.5)
-  weights = jnp.where(ready, a, 0.0)
-  return RuleOutput(weights, ready, accepted, dist)
+  s = stream_decisions(gram, usable, tau, 0.5)
+  return running_output(s.w, s.taken, s.agreed, s.cosine_distance, 0.5)
 
 
 def cosine_distance_matrix(gram):
@@ -169,8 +246,8 @@ def medoid(gram, usable, tau) -> RuleOutput:
   The anchor is the usable microgradient with the most neighbours within
   cosine distance ``tau`` (ties go to the lowest index). The anchor and its
   neighbours are accepted and averaged. An anchor without any neighbour is a
-  no-agreement step. Up to ties, the decisions do not depend on the order of the
-  microgradients, unlike Algorithm 1 whose first microgradient is the anchor.
+  no-agreement step. Up to ties, the decisions do not depend on the order of
+  the microgradients, unlike Algorithm 1 whose first one is the anchor.
   """
   is_anchor, _, neighbours, to_anchor = _medoid_anchor(gram, usable, tau)
   ready = jnp.any(neighbours)
@@ -204,59 +281,14 @@ def soft(gram, usable, tau, temperature=0.05) -> RuleOutput:
   return RuleOutput(weights.astype(jnp.float32), ready, accepted, to_anchor)
 
 
-RULES: dict[str, Rule] = {
+BY_NAME: dict[str, Rule] = {
   "sequential": sequential,
   "pairwise": pairwise,
   "medoid": medoid,
   "soft": soft,
 }
 
-
-class AdaptiveTau(NamedTuple):
-  """An adaptive threshold ``tau_t = min(tau, mean + k * std)`` for :func:`gaf`.
-
-  The mean and (population) standard deviation are those of the last
-  ``history`` recorded cosine distances; the idea is credited to the authors'
-  CIFAR-100N script, but the version we could read has a fixed threshold, so
-  the details here are ours. They live in the state as a fixed-shape ``[history]`` buffer (``GAFState.tau_history``, NaN where
-  empty). Every step records the rule's ``cosine_distance`` of the usable
-  microgradients, except exact zeros (the anchor, and exact copies of it), and
-  the threshold of a step uses only earlier steps' distances. Until at least
-  ``min_count`` distances are recorded, ``tau_t = tau``.
-
-  Attributes:
-    k: how many standard deviations above the mean.
-    history: M, the number of most recent distances kept.
-    min_count: distances needed before the threshold adapts (>= 2).
-  """
-
-  k: float = 1.0
-  history: int = 256
-  min_count: int = 2
-
-
-def adaptive_threshold(history, tau, k, min_count):
-  """``min(tau, mean + k * std)`` over the finite entries of ``history``."""
-  ok = jnp.isfinite(history)
-  count = jnp.sum(ok)
-  safe = jnp.where(ok, history, 0.0)
-  mean = jnp.sum(safe) / jnp.maximum(count, 1)
-  sq_dev = jnp.where(ok, (history - mean) ** 2, 0.0)
-  var = jnp.sum(sq_dev) / jnp.maximum(count, 1)  # population variance
-  adapted = jnp.minimum(tau, mean + k * jnp.sqrt(var))
-  return jnp.where(count >= min_count, adapted, tau).astype(jnp.float32)
-
-
-def record_distances(history, distances):
-  """Appends the finite, nonzero ``distances`` to the ``[M]`` history.
-
-  The buffer keeps its entries in arrival order with the NaN (empty) slots
-  first, so the last M recorded distances are always its last finite entries.
-  """
-  distances = jnp.ravel(distances).astype(history.dtype)
-  distances = jnp.where(distances == 0, jnp.nan, distances)
-  both = jnp.concatenate([history, distances])
-  # A stable sort on "is recorded" moves the empty slots to the front and keeps
-  # the recorded ones in arrival order.
-  order = jnp.argsort(jnp.isfinite(both), stable=True)
-  return both[order][-history.shape[0] :]
+# The running-aggregate rules and their shrink factor: they compare each
+# microgradient only with the aggregate of those before it, so they can take
+# the O(NP) block route and stream.
+RUNNING: dict[Rule, float] = {sequential: 1.0, pairwise: 0.5}

@@ -14,34 +14,35 @@ import numpy as np
 import optax
 from optax.experimental import aggregating
 
-from optax_gaf import _aggregator
-from optax_gaf import _collectives
-from optax_gaf import _statistics
+from optax_gaf import _checks
+from optax_gaf import _gram
+from optax_gaf import _placement
+from optax_gaf import _stats
 
 
 class AndMaskState(NamedTuple):
   """State of :func:`and_mask`.
 
   Attributes:
-    count: int32, the number of ``update`` calls so far.
+    count: int32, the number of ``update`` calls so far (saturating).
     ready: bool, False when no coordinate survived the mask (or no
       microgradient was usable): the update is zero and
       ``aggregating.process`` skips the inner optimizer.
+    skipped_steps: int32, the number of steps with ``ready`` False.
+    gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2``.
     agreement_threshold: float32, the threshold used at the last step.
     mask_fraction: float32, the fraction of all coordinates kept.
     leaf_mask_fraction: float32 ``[L]``, the fraction kept in each leaf, in
-      ``jax.tree.leaves`` order; shape ``[0]`` when ``init`` got no params.
-    skipped_steps: int32, the number of steps with ``ready`` False.
-    gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2``.
+      ``jax.tree.leaves`` order; None when ``init`` got no params.
   """
 
   count: jax.Array
   ready: jax.Array
-  agreement_threshold: jax.Array
-  mask_fraction: jax.Array
-  leaf_mask_fraction: jax.Array
   skipped_steps: jax.Array
   gradient_diversity: jax.Array
+  agreement_threshold: jax.Array
+  mask_fraction: jax.Array
+  leaf_mask_fraction: jax.Array | None = None
 
 
 def _check_threshold(value) -> None:
@@ -60,7 +61,7 @@ def and_mask(
   agreement_threshold: float | optax.ScalarOrSchedule = 1.0,
   *,
   scale_grad_inverse_sparsity: bool = False,
-  axis_name: _collectives.AxisName | None = None,
+  axis_name: _placement.AxisName | None = None,
   collective: str = "all_to_all",
 ) -> aggregating.Aggregator:
   r"""AND-mask: average the microgradients where their signs agree.
@@ -107,70 +108,73 @@ def and_mask(
     Parascandolo, Neitz, Orvieto, Gresele and Schölkopf, `Learning explanations
     that are hard to vary <https://arxiv.org/abs/2009.00329>`_, ICLR 2021.
   """
-  if callable(agreement_threshold):
-    _check_threshold(agreement_threshold(0))
-  else:
-    _check_threshold(agreement_threshold)
-  placement = _collectives.make_placement(axis_name, collective)
-
-  def threshold_at(count):
-    value = (
-      agreement_threshold(count)
-      if callable(agreement_threshold)
-      else agreement_threshold
-    )
-    return jnp.asarray(value, jnp.float32)
+  _check_threshold(
+    agreement_threshold(0)
+    if callable(agreement_threshold)
+    else agreement_threshold
+  )
+  _placement.check_placement(axis_name, collective)
 
   def init_fn(params):
-    # Per-leaf fractions are recorded when init sees the params (else [0]).
+    # Per-leaf fractions are recorded when init sees the params.
     n_leaves = len(jax.tree.leaves(params))
     return AndMaskState(
-      count=jnp.zeros([], jnp.int32),
-      ready=jnp.ones([], bool),
-      agreement_threshold=threshold_at(0),
+      **_stats.init_counters(),
+      agreement_threshold=_threshold_at(agreement_threshold, 0),
       mask_fraction=jnp.zeros([], jnp.float32),
-      leaf_mask_fraction=jnp.zeros([n_leaves], jnp.float32),
-      skipped_steps=jnp.zeros([], jnp.int32),
-      gradient_diversity=jnp.zeros([], jnp.float32),
+      leaf_mask_fraction=jnp.zeros([n_leaves], jnp.float32)
+      if n_leaves
+      else None,
     )
 
-  def update_fn(grads, state, params=None):
-    leaves, treedef, n, gram, usable = _aggregator.gram_stage(
-      grads, params, placement
+  def update_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    _checks.microgradients(grads, params)
+    leaves, treedef = jax.tree.flatten(grads)
+    placement = _placement.resolve_placement(leaves, axis_name, collective)
+    gram, usable = _placement.statistics(placement, leaves)
+    threshold = _threshold_at(agreement_threshold, state.count)
+    out, fractions = _masked_mean(
+      placement, leaves, usable, threshold, scale_grad_inverse_sparsity
     )
-    threshold = threshold_at(state.count)
-    n_ok = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
-    # Sums of +-1 and 0 are exact in float32.
-    signs = [jnp.sign(x).astype(jnp.float32) for x in leaves]
-    sign_sums = placement.combine(signs, jnp.ones([n], jnp.float32), usable)
-    means = placement.combine(
-      leaves, jnp.full([n], 1.0, jnp.float32) / n_ok, usable
-    )
-    masks = [jnp.abs(s) / n_ok >= threshold for s in sign_sums]
-    fractions = jnp.stack([jnp.mean(m, dtype=jnp.float32) for m in masks])
-    out = []
-    for mean, mask, frac in zip(means, masks, fractions):
-      y = jnp.where(mask, mean, jnp.zeros((), mean.dtype))
-      if scale_grad_inverse_sparsity:
-        y = (y.astype(jnp.float32) / (1e-10 + frac)).astype(mean.dtype)
-      out.append(y)
-    sizes = np.array([np.prod(m.shape) for m in masks], np.float64)
-    # Weighted in float32: an int32 count would overflow past 2**31 params.
-    mask_fraction = jnp.sum(
-      fractions * (sizes / sizes.sum()).astype(np.float32)
-    )
+    sizes = np.array([np.prod(x.shape[1:]) for x in leaves], np.float64)
     ready = jnp.any(usable) & jnp.any(fractions > 0)
     new_state = AndMaskState(
-      count=optax.safe_increment(state.count),
-      ready=ready,
+      **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
       agreement_threshold=threshold,
-      mask_fraction=mask_fraction,
-      leaf_mask_fraction=fractions
-      if state.leaf_mask_fraction.shape == fractions.shape
-      else state.leaf_mask_fraction,
-      skipped_steps=state.skipped_steps + (~ready).astype(jnp.int32),
-      gradient_diversity=_statistics.gradient_diversity(gram),
+      # Weighted in float32: an int32 count would overflow past 2**31.
+      mask_fraction=jnp.sum(
+        fractions * (sizes / sizes.sum()).astype(np.float32)
+      ),
+      leaf_mask_fraction=None
+      if state.leaf_mask_fraction is None
+      else fractions,
     )
     return treedef.unflatten(out), new_state
 
   return aggregating.Aggregator(init_fn, update_fn)
+
+
+def _threshold_at(agreement_threshold, count) -> jax.Array:
+  if callable(agreement_threshold):
+    agreement_threshold = agreement_threshold(count)
+  return jnp.asarray(agreement_threshold, jnp.float32)
+
+
+def _masked_mean(placement, leaves, usable, threshold, rescale):
+  """The AND-masked mean per leaf, and the fraction kept in each leaf."""
+  n = placement.num_microgradients(leaves[0].shape[0])
+  n_ok = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
+  # Sums of +-1 and 0 are exact in float32.
+  signs = [jnp.sign(x).astype(jnp.float32) for x in leaves]
+  sign_sums = placement.combine(signs, jnp.ones([n], jnp.float32), usable)
+  means = placement.combine(leaves, jnp.ones([n], jnp.float32) / n_ok, usable)
+  masks = [jnp.abs(s) / n_ok >= threshold for s in sign_sums]
+  fractions = jnp.stack([jnp.mean(m, dtype=jnp.float32) for m in masks])
+  out = []
+  for mean, mask, frac in zip(means, masks, fractions):
+    y = jnp.where(mask, mean, jnp.zeros((), mean.dtype))
+    if rescale:
+      y = (y.astype(jnp.float32) / (1e-10 + frac)).astype(mean.dtype)
+    out.append(y)
+  return out, fractions

@@ -1,0 +1,111 @@
+"""Input checks shared by every aggregator: each idea checked in one place."""
+
+import operator
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_TRACED = (
+  jax.errors.ConcretizationTypeError,
+  jax.errors.TracerIntegerConversionError,
+)
+
+
+def num_microbatches(value: Any, minimum: int = 2) -> int:
+  """Checks a static count of microbatches (``None`` is the caller's business).
+
+  Args:
+    value: a Python (or NumPy) int; floats, strings and bools are refused.
+    minimum: the smallest count allowed (GAF compares, so 2 by default).
+
+  Returns:
+    ``value`` as an int.
+
+  Raises:
+    TypeError: if ``value`` is not an int, or is traced (it sets shapes).
+    ValueError: if ``value < minimum``.
+  """
+  if isinstance(value, bool):
+    raise TypeError(f"num_microbatches must be an int; got {value!r}.")
+  try:
+    n = operator.index(value)
+  except _TRACED as e:
+    raise TypeError(
+      "num_microbatches sets the state's shapes and must be a static Python"
+      " int. With optax.inject_hyperparams, pass"
+      " static_args=('num_microbatches',)."
+    ) from e
+  except TypeError as e:
+    raise TypeError(
+      f"num_microbatches must be an int; got {type(value).__name__} {value!r}."
+    ) from e
+  if n < minimum:
+    raise ValueError(
+      f"num_microbatches must be >= {minimum}"
+      + (" (GAF compares microgradients)" if minimum >= 2 else "")
+      + f"; got {n}."
+    )
+  return n
+
+
+def choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+  """Returns ``value`` if it is one of ``choices``, else raises ValueError."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
+  return value
+
+
+def axis_name(value: Any) -> None:
+  """Raises TypeError unless ``value`` is None, a name or a tuple of names."""
+  names = value if isinstance(value, tuple) else (value,)
+  if not all(isinstance(a, Hashable) for a in names):
+    raise TypeError(
+      f"axis_name must be a mesh axis name or a tuple of names; got {value!r}."
+    )
+
+
+def microgradients(grads: Any, params: Any = None) -> int:
+  """Validates the microgradient pytree and returns its leading size.
+
+  Every leaf must be ``[N, *param.shape]`` with one N for all leaves.
+
+  Raises:
+    ValueError: with a message that names the leaf and the problem.
+  """
+  path_leaves = jax.tree_util.tree_leaves_with_path(grads)
+  if not path_leaves:
+    raise ValueError("The microgradients pytree has no leaves.")
+  sizes = {}
+  for path, x in path_leaves:
+    name = jax.tree_util.keystr(path) or "<root>"
+    if jnp.ndim(x) < 1:
+      raise ValueError(
+        f"Microgradient leaf {name} is a scalar; every leaf needs a leading"
+        " microbatch axis [N, ...]. Did you pass an averaged gradient?"
+      )
+    sizes[name] = jnp.shape(x)[0]
+  if len(set(sizes.values())) > 1:
+    raise ValueError(
+      f"Microgradient leaves disagree on the leading microbatch axis: {sizes}."
+    )
+  if params is not None:
+    _match_params(path_leaves, grads, params)
+  return next(iter(sizes.values()))
+
+
+def _match_params(path_leaves, grads, params) -> None:
+  if jax.tree.structure(params) != jax.tree.structure(grads):
+    raise ValueError(
+      "The microgradients and params have different tree structures:"
+      f" {jax.tree.structure(grads)} vs {jax.tree.structure(params)}."
+    )
+  for (path, g), p in zip(path_leaves, jax.tree.leaves(params)):
+    if jnp.shape(g)[1:] != jnp.shape(p):
+      raise ValueError(
+        f"Microgradient leaf {jax.tree_util.keystr(path)} has shape"
+        f" {jnp.shape(g)}, so its trailing shape {jnp.shape(g)[1:]} does"
+        f" not match the parameter's shape {jnp.shape(p)}. Leaves must be"
+        " [N, *param.shape]."
+      )
