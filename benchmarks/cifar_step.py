@@ -1,18 +1,19 @@
 """Compile and step time of the CIFAR ResNet-18 train step, scan vs stepwise.
 
-``examples/training.py`` runs a chunk of steps as one ``jax.lax.scan``. On
-XLA:CPU convolutions inside a loop body take a slow generic path
-(jax-ml/jax#12868), which made ``examples/noisy_labels.py --dataset cifar100``
-look stuck "compiling": the first step alone took many minutes. The example
-now calls a jitted single step from Python on CPU (``training.run_stepwise``).
+``benchmarks/harness/training.py`` runs a chunk of steps as one
+``jax.lax.scan``. On XLA:CPU convolutions inside a loop body take a slow
+generic path (jax-ml/jax#12868), which made
+``python -m benchmarks.noisy_labels --dataset cifar100`` look stuck
+"compiling": the first step alone took many minutes. The CLI now calls a
+jitted single step from Python on CPU (``training.run_stepwise``).
 This script times both on the CLI's CIFAR-100 defaults (ResNet-18, 32x32x3,
 100 classes, N=2 microbatches of 100, SGD, GAF sequential, flip-crop), on
 zero images: lowering, compilation, then the median of ``--repeats`` steps.
 
-Run::
+Run from the repository root::
 
-  PYTHONPATH=. python benchmarks/cifar_step.py              # both, defaults
-  PYTHONPATH=. python benchmarks/cifar_step.py --loops stepwise --devices 8
+  python -m benchmarks.cifar_step                          # both, defaults
+  python -m benchmarks.cifar_step --loops stepwise --devices 8
 """
 
 import argparse
@@ -45,8 +46,8 @@ def main(argv=None):
   jax.config.update("jax_num_cpu_devices", args.devices)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from examples import models  # pylint: disable=g-import-not-at-top
-  from examples import training  # pylint: disable=g-import-not-at-top
+  from benchmarks.harness import models  # pylint: disable=g-import-not-at-top
+  from benchmarks.harness import training  # pylint: disable=g-import-not-at-top
 
   n, m, h = args.num_microbatches, args.microbatch_size, args.size
   train_x = jnp.zeros((10 * n * m, h, h, 3), jnp.uint8)

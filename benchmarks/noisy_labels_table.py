@@ -1,7 +1,7 @@
 """The paper's Figure 6 experiment on digits: GAF against averaging vs noise.
 
 For every method in ``--methods`` and every label noise rate, trains the
-example's MLP (``examples/noisy_labels.py`` defaults: SGD momentum 0.9,
+CLI's MLP (``python -m benchmarks.noisy_labels`` defaults: SGD momentum 0.9,
 lr 0.01, N=2 class-balanced microbatches of 5 per class, tau 0.8) with
 several seeds, ``vmap``-ped together in one jitted scan, and writes
 
@@ -11,12 +11,13 @@ several seeds, ``vmap``-ped together in one jitted scan, and writes
 * ``<out>/noisy_labels.png``: the same as plots;
 * ``<out>/noisy_labels.json``: every number.
 
-Methods come from ``examples.training.METHODS`` (name -> aggregator); a new
-rule is one line there and then ``--methods average,gaf-sequential,NEW``.
+Methods come from ``benchmarks.harness.training.METHODS`` (name ->
+aggregator); a new rule is one line there and then
+``--methods average,gaf-sequential,NEW``.
 
-Reproduce the committed results::
+Reproduce the committed results (from the repository root)::
 
-  python benchmarks/noisy_labels_table.py
+  python -m benchmarks.noisy_labels_table
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import noisy_labels
+from benchmarks.harness import datasets
+from benchmarks.harness import models
+from benchmarks.harness import training
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from examples import datasets  # pylint: disable=g-import-not-at-top
-from examples import models  # pylint: disable=g-import-not-at-top
-from examples import noisy_labels  # pylint: disable=g-import-not-at-top
-from examples import training  # pylint: disable=g-import-not-at-top
 
 # The paper's Figure 6 (CIFAR-100, ResNet-18): noise -> (GAF, baseline) %.
 PAPER_FIGURE_6 = {
@@ -345,7 +346,7 @@ def markdown(results, args) -> str:
     " no-agreement steps (the optimizer did not move).",
     "",
     "Reproduce: `"
-    + shlex.join(["python", "benchmarks/noisy_labels_table.py", *args.argv])
+    + shlex.join(["python", "-m", "benchmarks.noisy_labels_table", *args.argv])
     + f"` ({results['seconds'] / 60:.0f} min on 2 CPU cores).",
     "",
     "## Final validation accuracy, memorisation, acceptance vs label noise",

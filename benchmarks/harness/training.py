@@ -1,4 +1,4 @@
-"""Training loop shared by the example, the benchmark and the notebooks.
+"""The training loop of ``benchmarks.noisy_labels``, the table and notebook 02.
 
 The loop keeps GAF's semantics visible:
 
@@ -91,7 +91,7 @@ def make_tx(
 
 
 class StepMetrics(NamedTuple):
-  """Per-step diagnostics (acceptance/ready are NaN/True for plain averaging)."""
+  """Per-step diagnostics; acceptance/ready are NaN/True for averaging."""
 
   loss: jax.Array
   acceptance_rate: jax.Array
@@ -227,7 +227,7 @@ def run_stepwise(step: Callable[..., Any], state, idx, labels, key):
 
 
 def use_stepwise(model_name: str, backend: str | None = None) -> bool:
-  """Whether to train ``model_name`` with :func:`run_stepwise`: conv nets on CPU."""
+  """Whether to train ``model_name`` with :func:`run_stepwise` (CPU convs)."""
   backend = backend or jax.default_backend()
   return backend == "cpu" and model_name != "mlp"
 

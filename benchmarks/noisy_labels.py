@@ -1,4 +1,13 @@
-"""GAF against gradient averaging under label noise, with Flax NNX.
+"""GAF against gradient averaging under label noise, with Flax NNX: the CLI.
+
+The full experiment behind ``examples/noisy_labels.py`` (the short,
+self-contained Quickstart program), on the harness in
+``benchmarks/harness/``: every method of ``training.METHODS``, CIFAR, other
+models and optimizers. Run from the repository root::
+
+  python -m benchmarks.noisy_labels                     # digits, 40% noise
+  python -m benchmarks.noisy_labels --help              # every option
+  python -m benchmarks.noisy_labels --dataset cifar100 --model resnet18
 
 The default run trains an MLP on scikit-learn's handwritten digits (offline)
 with 40% of the training labels corrupted, once with plain averaging of the
@@ -19,11 +28,10 @@ Default settings and why (digits, 1300 training images):
   epochs): long enough that averaging memorises the noise completely.
 * ``tau=0.8``: at tau 0.9 and above (``gaf``'s default is 0.97) enough
   noisy pairs get through that GAF memorises like averaging; 0.7 and 0.8 do
-  best in the tau sweep of ``benchmarks/noisy_labels_table.py`` (picked on
-  the validation split).
+  best in the tau sweep of ``python -m benchmarks.noisy_labels_table``
+  (picked on the validation split).
 
-Run ``python examples/noisy_labels.py --help`` for every option. CIFAR:
-``--dataset cifar100 --model resnet18`` (downloads through TFDS), and
+CIFAR: ``--dataset cifar100 --model resnet18`` (downloads through TFDS), and
 ``cifar100_n`` / ``cifar10_n`` with their human label noise (manual download;
 the error message says how).
 """
@@ -34,17 +42,15 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from examples import datasets  # pylint: disable=g-import-not-at-top
-from examples import models  # pylint: disable=g-import-not-at-top
-from examples import training  # pylint: disable=g-import-not-at-top
+from benchmarks.harness import datasets
+from benchmarks.harness import models
+from benchmarks.harness import training
 
 # --method choices -> METHODS entries.
 METHOD_CHOICES = {

@@ -1,4 +1,4 @@
-"""Flax NNX models for the noisy-label examples.
+"""Flax NNX models for the noisy-label benchmarks: one definition each.
 
 * ``MLP``: for 8x8 digits (flattened).
 * ``SmallCNN``: two conv layers, for digits.

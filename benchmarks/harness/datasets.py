@@ -1,4 +1,4 @@
-"""Data for the noisy-label examples: digits, CIFAR via TFDS, label noise.
+"""Data for the noisy-label benchmarks: digits, CIFAR via TFDS, label noise.
 
 Everything returns plain NumPy arrays; training code moves them to the device
 once and gathers batches there, so a whole run can be a ``jax.lax.scan``.
@@ -10,7 +10,9 @@ once and gathers batches there, so a whole run can be a ``jax.lax.scan``.
   ``random_label1``); CIFAR-N must be downloaded by hand (see
   :class:`ManualDownloadError`). Preparing any of these builders (once) needs
   TensorFlow: ``pip install -e ".[cifar]"``. Reading them afterwards does not.
-* ``symmetric_label_noise``: corrupt a fraction of labels uniformly.
+* ``symmetric_label_noise``: move exactly ``round(rate * n)`` labels to a
+  uniformly random other class. ``examples/`` repeat it inline, and
+  ``tests/test_examples.py`` checks that they corrupt the same fraction.
 * ``class_balanced_microbatches``: indices of microbatches that each hold the
   same number of examples of every class, as in the authors' code.
 """
@@ -45,7 +47,7 @@ class Dataset(NamedTuple):
 
   @property
   def corrupted(self) -> np.ndarray:
-    """Bool ``[n_train]``: the training labels that differ from the clean ones."""
+    """Bool ``[n_train]``: training labels that differ from the clean ones."""
     return self.train_y != self.train_clean_y
 
 

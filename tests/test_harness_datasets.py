@@ -1,4 +1,4 @@
-"""Data for the examples: label noise, class-balanced microbatches, TFDS."""
+"""The harness's data: label noise, class-balanced microbatches, TFDS."""
 
 import os
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from examples import datasets
+from benchmarks.harness import datasets
 
 MANUAL_FILES = (
   "CIFAR-10_human_annotations.csv",

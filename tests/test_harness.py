@@ -1,4 +1,9 @@
-"""The example training loop against float64 oracles, and CLI smoke tests."""
+"""The harness's training loop against float64 oracles; CLI smoke tests.
+
+The harness is ``benchmarks/harness/``; the CLIs are
+``python -m benchmarks.noisy_labels`` and
+``python -m benchmarks.noisy_labels_table``.
+"""
 
 import csv
 import json
@@ -14,12 +19,13 @@ import pytest
 from flax import nnx
 
 import optax_gaf
-from examples import datasets
-from examples import models
-from examples import noisy_labels
-from examples import training
+from benchmarks import noisy_labels
+from benchmarks import noisy_labels_table
+from benchmarks.harness import datasets
+from benchmarks.harness import models
+from benchmarks.harness import training
 from tests import oracle
-from tests import test_datasets
+from tests import test_harness_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, C, M = 4, 3, 5  # features, classes, examples per microbatch
@@ -241,11 +247,12 @@ def test_cli_writes_table_and_files(tmp_path, capsys):
 
 
 def test_cli_runs_as_a_script(tmp_path):
-  """``python examples/noisy_labels.py`` works from the repository root."""
+  """``python -m benchmarks.noisy_labels`` works from the repository root."""
   out = subprocess.run(
     [
       sys.executable,
-      "examples/noisy_labels.py",
+      "-m",
+      "benchmarks.noisy_labels",
       "--method",
       "gaf",
       "--epochs",
@@ -280,9 +287,6 @@ def test_cli_rejects_bad_options():
 
 
 def test_benchmark_writes_table_plot_and_json(tmp_path):
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import noisy_labels_table  # pylint: disable=g-import-not-at-top
-
   noisy_labels_table.main(
     [
       "--steps",
@@ -313,7 +317,7 @@ def test_benchmark_writes_table_plot_and_json(tmp_path):
   assert "Tau sweep at 40% noise" in text
   assert "Pure random labels" in text
   assert (
-    "Reproduce: `python benchmarks/noisy_labels_table.py --steps 30"
+    "Reproduce: `python -m benchmarks.noisy_labels_table --steps 30"
     " --eval-every 15 --seeds 2 --noise 0.0 0.4 --taus 0.8 --out"
   ) in text
   results = json.loads((tmp_path / "noisy_labels.json").read_text())
@@ -337,9 +341,6 @@ def test_benchmark_writes_table_plot_and_json(tmp_path):
 
 
 def test_benchmark_rejects_unknown_method():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import noisy_labels_table  # pylint: disable=g-import-not-at-top
-
   with pytest.raises(SystemExit):
     noisy_labels_table.parse_args(["--methods", "average,median"])
 
@@ -348,7 +349,7 @@ def test_cli_on_mock_cifar10_n(tmp_path, monkeypatch):
   """The CIFAR path (uint8 images, augmentation, human labels) end to end."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  test_datasets.place_manual_files(monkeypatch, tmp_path / "manual")
+  test_harness_datasets.place_manual_files(monkeypatch, tmp_path / "manual")
   with tfds.testing.mock_data(num_examples=40):
     rows = noisy_labels.main(
       [

@@ -1,1 +1,0 @@
-"""Examples for optax_gaf: noisy-label training with Flax NNX and TFDS."""
