@@ -3,8 +3,20 @@
 A rule on the Gram matrix plus state: the coefficients need only the inner
 products ``<g_i, sum_j g_j>`` and the norms, so it runs unchanged on every
 device of a multi-device placement.
+
+The steps of :func:`adacons` follow the authors' sample implementation
+(``AdaConsAggregator`` in ``Main.py`` of github.com/yoniLc/AdaCons, without its
+``1e-8`` in the norms), with two differences, both choices of this library: (a)
+there the averaged sorted coefficients are put back with ``m[argsort(a)]``,
+which is the inverse permutation only when it is an involution; here
+``alpha_i`` is ``m`` at ``a_i``'s rank, as the paper's "momentum on the sorted
+coefficients" describes; (b) the sample returns the unit-norm combination (its
+demo picks the step size by line search); the paper's exact rescaling was not
+available to us, so ``rescale=True`` gives the direction the plain mean's
+length, and ``rescale=False`` returns the sample's output.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -79,6 +91,21 @@ def consensus_weights(gram, usable, sorted_momentum, first, momentum, rescale):
   return weights.astype(jnp.float32), ready, alpha, sorted_raw
 
 
+def _check_args(momentum, num_microbatches, axis_name, collective) -> float:
+  momentum = float(momentum)
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"momentum must lie in [0, 1); got {momentum}.")
+  if num_microbatches is not None:
+    _checks.num_microbatches(num_microbatches)
+  elif momentum > 0:
+    raise ValueError(
+      "adacons(momentum > 0) keeps the sorted coefficients in the state and"
+      " needs num_microbatches=N to fix their shape."
+    )
+  _placement.check_placement(axis_name, collective)
+  return momentum
+
+
 def adacons(
   momentum: float = 0.0,
   *,
@@ -99,16 +126,8 @@ def adacons(
   4. the update ``sum_i alpha_i g_i / ||g_i||``, and with ``rescale`` (the
      default) rescaled to the length of the plain mean ``||mean_i g_i||``.
 
-  Steps 1-4 follow the authors' sample implementation (``AdaConsAggregator``
-  in ``Main.py`` of github.com/yoniLc/AdaCons, without its ``1e-8`` in the
-  norms), with two differences, both choices of this library: (a) there the
-  averaged sorted coefficients are put back with ``m[argsort(a)]``, which is
-  the inverse permutation only when it is an involution; here ``alpha_i`` is
-  ``m`` at ``a_i``'s rank, as the paper's "momentum on the sorted
-  coefficients" describes; (b) the sample returns the unit-norm combination
-  (its demo picks the step size by line search); the paper's exact rescaling
-  was not available to us, so ``rescale=True`` gives the direction the plain
-  mean's length, and ``rescale=False`` returns the sample's output.
+  Steps 1-4 follow the authors' sample implementation, with two differences
+  explained in this module's docstring.
 
   Non-finite or zero microgradients are excluded (raw coefficient 0, weight 0).
   If the coefficients do not sum to a positive number, the step is a
@@ -143,53 +162,54 @@ def adacons(
     Choukroun, Azoulay and Kisilev, `Adaptive Consensus Gradients Aggregation
     for Scaled Distributed Training <https://arxiv.org/abs/2411.03742>`_, 2024.
   """
-  momentum = float(momentum)
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must lie in [0, 1); got {momentum}.")
+  momentum = _check_args(momentum, num_microbatches, axis_name, collective)
   if num_microbatches is not None:
     num_microbatches = _checks.num_microbatches(num_microbatches)
-  elif momentum > 0:
+  return aggregating.Aggregator(
+    functools.partial(_init, num_microbatches),
+    functools.partial(
+      _update, num_microbatches, momentum, rescale, axis_name, collective
+    ),
+  )
+
+
+def _init(num_microbatches, params):
+  del params
+  per_n = None
+  if num_microbatches is not None:
+    per_n = jnp.zeros([num_microbatches], jnp.float32)
+  return AdaConsState(
+    **_stats.init_counters(), coefficients=per_n, sorted_momentum=per_n
+  )
+
+
+def _update(
+    num_microbatches, momentum, rescale, axis_name, collective,
+    grads, state, params=None, **extra_args,
+):  # fmt: skip
+  del extra_args
+  _checks.microgradients(grads, params)
+  leaves, treedef = jax.tree.flatten(grads)
+  placement = _placement.resolve_placement(leaves, axis_name, collective)
+  n = placement.num_microgradients(leaves[0].shape[0])
+  if num_microbatches is not None and n != num_microbatches:
     raise ValueError(
-      "adacons(momentum > 0) keeps the sorted coefficients in the state and"
-      " needs num_microbatches=N to fix their shape."
+      f"adacons(num_microbatches={num_microbatches}) got {n} microgradients."
     )
-  _placement.check_placement(axis_name, collective)
-
-  def init_fn(params):
-    del params
-    per_n = None
-    if num_microbatches is not None:
-      per_n = jnp.zeros([num_microbatches], jnp.float32)
-    return AdaConsState(
-      **_stats.init_counters(), coefficients=per_n, sorted_momentum=per_n
-    )
-
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
-    _checks.microgradients(grads, params)
-    leaves, treedef = jax.tree.flatten(grads)
-    placement = _placement.resolve_placement(leaves, axis_name, collective)
-    n = placement.num_microgradients(leaves[0].shape[0])
-    if num_microbatches is not None and n != num_microbatches:
-      raise ValueError(
-        f"adacons(num_microbatches={num_microbatches}) got {n} microgradients."
-      )
-    gram, usable = _placement.statistics(placement, leaves)
-    weights, ready, alpha, sorted_m = consensus_weights(
-      gram,
-      usable,
-      state.sorted_momentum if momentum > 0 else None,
-      state.count == 0,
-      momentum,
-      rescale,
-    )
-    updates = treedef.unflatten(placement.combine(leaves, weights, usable))
-    recorded = num_microbatches is not None
-    new_state = AdaConsState(
-      **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
-      coefficients=alpha if recorded else None,
-      sorted_momentum=sorted_m if recorded else None,
-    )
-    return updates, new_state
-
-  return aggregating.Aggregator(init_fn, update_fn)
+  gram, usable = _placement.statistics(placement, leaves)
+  weights, ready, alpha, sorted_m = consensus_weights(
+    gram,
+    usable,
+    state.sorted_momentum if momentum > 0 else None,
+    state.count == 0,
+    momentum,
+    rescale,
+  )
+  updates = treedef.unflatten(placement.combine(leaves, weights, usable))
+  recorded = num_microbatches is not None
+  new_state = AdaConsState(
+    **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
+    coefficients=alpha if recorded else None,
+    sorted_momentum=sorted_m if recorded else None,
+  )
+  return updates, new_state

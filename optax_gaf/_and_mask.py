@@ -6,6 +6,7 @@ mean of the signs and the mean of the microgradients are both weighted sums,
 so ``placement.combine`` computes them on one device or across devices alike.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -115,44 +116,49 @@ def and_mask(
   )
   _placement.check_placement(axis_name, collective)
 
-  def init_fn(params):
-    # Per-leaf fractions are recorded when init sees the params.
-    n_leaves = len(jax.tree.leaves(params))
-    return AndMaskState(
-      **_stats.init_counters(),
-      agreement_threshold=_threshold_at(agreement_threshold, 0),
-      mask_fraction=jnp.zeros([], jnp.float32),
-      leaf_mask_fraction=jnp.zeros([n_leaves], jnp.float32)
-      if n_leaves
-      else None,
-    )
-
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
-    _checks.microgradients(grads, params)
-    leaves, treedef = jax.tree.flatten(grads)
-    placement = _placement.resolve_placement(leaves, axis_name, collective)
-    gram, usable = _placement.statistics(placement, leaves)
-    threshold = _threshold_at(agreement_threshold, state.count)
-    out, fractions = _masked_mean(
-      placement, leaves, usable, threshold, scale_grad_inverse_sparsity
-    )
-    sizes = np.array([np.prod(x.shape[1:]) for x in leaves], np.float64)
-    ready = jnp.any(usable) & jnp.any(fractions > 0)
-    new_state = AndMaskState(
-      **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
-      agreement_threshold=threshold,
-      # Weighted in float32: an int32 count would overflow past 2**31.
-      mask_fraction=jnp.sum(
-        fractions * (sizes / sizes.sum()).astype(np.float32)
+  return aggregating.Aggregator(
+      functools.partial(_init, agreement_threshold),
+      functools.partial(
+          _update, agreement_threshold, scale_grad_inverse_sparsity,
+          axis_name, collective,
       ),
-      leaf_mask_fraction=None
-      if state.leaf_mask_fraction is None
-      else fractions,
-    )
-    return treedef.unflatten(out), new_state
+  )  # fmt: skip
 
-  return aggregating.Aggregator(init_fn, update_fn)
+
+def _init(agreement_threshold, params):
+  # Per-leaf fractions are recorded when init sees the params.
+  n_leaves = len(jax.tree.leaves(params))
+  return AndMaskState(
+    **_stats.init_counters(),
+    agreement_threshold=_threshold_at(agreement_threshold, 0),
+    mask_fraction=jnp.zeros([], jnp.float32),
+    leaf_mask_fraction=jnp.zeros([n_leaves], jnp.float32) if n_leaves else None,
+  )
+
+
+def _update(
+    agreement_threshold, scale_grad_inverse_sparsity, axis_name, collective,
+    grads, state, params=None, **extra_args,
+):  # fmt: skip
+  del extra_args
+  _checks.microgradients(grads, params)
+  leaves, treedef = jax.tree.flatten(grads)
+  placement = _placement.resolve_placement(leaves, axis_name, collective)
+  gram, usable = _placement.statistics(placement, leaves)
+  threshold = _threshold_at(agreement_threshold, state.count)
+  out, fractions = _masked_mean(
+    placement, leaves, usable, threshold, scale_grad_inverse_sparsity
+  )
+  sizes = np.array([np.prod(x.shape[1:]) for x in leaves], np.float64)
+  ready = jnp.any(usable) & jnp.any(fractions > 0)
+  new_state = AndMaskState(
+    **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
+    agreement_threshold=threshold,
+    # Weighted in float32: an int32 count would overflow past 2**31.
+    mask_fraction=jnp.sum(fractions * (sizes / sizes.sum()).astype(np.float32)),
+    leaf_mask_fraction=None if state.leaf_mask_fraction is None else fractions,
+  )
+  return treedef.unflatten(out), new_state
 
 
 def _threshold_at(agreement_threshold, count) -> jax.Array:

@@ -256,6 +256,30 @@ def _route(config: _Config, placement, leaves, tau):
   return updates, out, _gram.gradient_diversity(gram)
 
 
+def _init(config: _Config, params) -> GAFState:
+  n_leaves = len(jax.tree.leaves(params)) if config.per_leaf else 0
+  if config.per_leaf and not n_leaves:
+    raise ValueError(
+      "gaf(granularity='per_leaf') sizes its per-leaf statistics from the"
+      " params: pass them to init (got no leaves)."
+    )
+  adaptive = config.adaptive_tau
+  n_history = 0 if adaptive is None else adaptive.history
+  tau0 = _threshold.tau_at(config.tau, jnp.zeros([], jnp.int32))
+  return _init_state(tau0, config.num_microbatches, n_leaves, n_history)
+
+
+def _update(config: _Config, grads, state, params=None, **extra_args):
+  del extra_args  # e.g. value= for reduce_on_plateau, later in the chain
+  leaves, treedef = _validate(config, grads, state, params)
+  placement = _placement.resolve_placement(
+    leaves, config.axis_name, config.collective
+  )
+  tau = _threshold_of(config, state)
+  updates, out, diversity = _route(config, placement, leaves, tau)
+  return treedef.unflatten(updates), _record(state, out, tau, diversity)
+
+
 def gaf(
   tau: optax.ScalarOrSchedule = 0.97,
   *,
@@ -282,8 +306,7 @@ def gaf(
   agrees (or fewer than two are usable), the update is zeros and
   ``state.ready`` is False, so ``aggregating.process`` skips its
   postprocessor (a true skip); in ``optax.chain`` the zeros reach the
-  optimizer, whose momentum still moves the parameters. On one device the
-  running-aggregate rules with N > 16 skip the Gram matrix (same decisions).
+  optimizer, whose momentum still moves the parameters.
 
   Args:
     tau: cosine distance threshold in ``[0, 2]``, or a schedule of the step
@@ -333,27 +356,9 @@ def gaf(
       tau, rule, num_microbatches, axis_name, collective, granularity,
       temperature, adaptive_tau,
   )  # fmt: skip
-
-  def init_fn(params):
-    n_leaves = len(jax.tree.leaves(params)) if config.per_leaf else 0
-    if config.per_leaf and not n_leaves:
-      raise ValueError(
-        "gaf(granularity='per_leaf') sizes its per-leaf statistics from the"
-        " params: pass them to init (got no leaves)."
-      )
-    n_history = adaptive_tau.history if adaptive_tau is not None else 0
-    tau0 = _threshold.tau_at(config.tau, jnp.zeros([], jnp.int32))
-    return _init_state(tau0, config.num_microbatches, n_leaves, n_history)
-
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args  # e.g. value= for reduce_on_plateau, later in the chain
-    leaves, treedef = _validate(config, grads, state, params)
-    placement = _placement.resolve_placement(leaves, axis_name, collective)
-    tau_t = _threshold_of(config, state)
-    updates, out, diversity = _route(config, placement, leaves, tau_t)
-    return treedef.unflatten(updates), _record(state, out, tau_t, diversity)
-
-  return aggregating.Aggregator(init_fn, update_fn)
+  return aggregating.Aggregator(
+    functools.partial(_init, config), functools.partial(_update, config)
+  )
 
 
 def streamed(num_microbatches: int | None = None) -> aggregating.Aggregator:
