@@ -30,8 +30,10 @@ def main():
     fns = {}
     for b in (1, 4, 16, 64):
       f = jax.jit(
-        lambda g, b=b: _blockwise.filter_blocks(
-          jax.tree.leaves(g), 0.97, 1.0, block_size=b
+        lambda g, b=b: _blockwise.finish(
+          _blockwise.filter_blocks(jax.tree.leaves(g), 0.97, 1.0, b),
+          1.0,
+          [x.dtype for x in jax.tree.leaves(g)],
         )
       )
       fns[f"B={b}"] = lambda f=f: f(grads)

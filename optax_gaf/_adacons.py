@@ -60,7 +60,7 @@ def consensus_weights(gram, usable, sorted_momentum, first, momentum, rescale):
   Returns ``(weights [N], ready, coefficients [N], new sorted_momentum)``; the
   update is ``sum_i weights[i] g_i``.
   """
-  n_ok = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
+  n_ok = jnp.maximum(jnp.sum(usable), 1).astype(gram.dtype)
   norms = jnp.sqrt(jnp.diagonal(gram))
   inv_norm = jnp.where(usable, 1.0 / jnp.where(usable, norms, 1.0), 0.0)
   # <g_i, sum_j g_j> / ||g_i|| / N: the mean projected on g_i's direction.
@@ -88,7 +88,7 @@ def consensus_weights(gram, usable, sorted_momentum, first, momentum, rescale):
       sq_dir > 0, jnp.sqrt(sq_mean / jnp.where(sq_dir > 0, sq_dir, 1.0)), 0.0
     )
     weights = weights * scale
-  return weights.astype(jnp.float32), ready, alpha, sorted_raw
+  return weights.astype(gram.dtype), ready, alpha, sorted_raw
 
 
 def _check_args(momentum, num_microbatches, axis_name, collective) -> float:
@@ -196,7 +196,7 @@ def _update(
     raise ValueError(
       f"adacons(num_microbatches={num_microbatches}) got {n} microgradients."
     )
-  gram, usable = _placement.statistics(placement, leaves)
+  gram, usable, factors = _placement.statistics(placement, leaves)
   weights, ready, alpha, sorted_m = consensus_weights(
     gram,
     usable,
@@ -205,11 +205,13 @@ def _update(
     momentum,
     rescale,
   )
+  # Its weights carry 1 / ||g_i||: they apply to the rescaled f_i g_i.
+  weights = weights * factors
   updates = treedef.unflatten(placement.combine(leaves, weights, usable))
   recorded = num_microbatches is not None
   new_state = AdaConsState(
     **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
-    coefficients=alpha if recorded else None,
-    sorted_momentum=sorted_m if recorded else None,
+    coefficients=alpha.astype(jnp.float32) if recorded else None,
+    sorted_momentum=sorted_m.astype(jnp.float32) if recorded else None,
   )
   return updates, new_state

@@ -144,7 +144,7 @@ def _update(
   _checks.microgradients(grads, params)
   leaves, treedef = jax.tree.flatten(grads)
   placement = _placement.resolve_placement(leaves, axis_name, collective)
-  gram, usable = _placement.statistics(placement, leaves)
+  gram, usable, _ = _placement.statistics(placement, leaves)
   threshold = _threshold_at(agreement_threshold, state.count)
   out, fractions = _masked_mean(
     placement, leaves, usable, threshold, scale_grad_inverse_sparsity

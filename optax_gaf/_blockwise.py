@@ -30,7 +30,7 @@ BLOCK_SIZE = 16
 
 
 class Carry(NamedTuple):
-  """The running aggregate after some microgradients (float32 leaves)."""
+  """The running aggregate after some microgradients (Gram-dtype leaves)."""
 
   aggregate: list | None  # running sum (sequential) or average (pairwise)
   total: list | None  # sum of all usable microgradients (for diversity)
@@ -40,35 +40,40 @@ class Carry(NamedTuple):
   taken: jax.Array  # [N]: anchor or agreed
   agreed: jax.Array  # [N]
   distance: jax.Array  # [N]
+  sq_norms: jax.Array  # [N]: ||g_i||^2 as computed (NaN, inf or 0 included)
   sum_sq_norms: jax.Array
 
 
-def init_carry(shapes: Sequence[tuple[int, ...]] | None, n: int) -> Carry:
+def init_carry(
+  shapes: Sequence[tuple[int, ...]] | None, n: int, dtype=jnp.float32
+) -> Carry:
   """An empty carry for N microgradients; ``shapes=None`` defers the leaves."""
-  zeros = (
-    None if shapes is None else [jnp.zeros(s, jnp.float32) for s in shapes]
-  )
+  aggregate = None
+  if shapes is not None:
+    aggregate = [jnp.zeros(shape, dtype) for shape in shapes]
+  zeros = jnp.zeros([n], dtype)
   return Carry(
-    aggregate=zeros,
-    total=zeros,
-    agg_sq_norm=jnp.zeros([], jnp.float32),
+    aggregate=aggregate,
+    total=aggregate,
+    agg_sq_norm=jnp.zeros([], dtype),
     has_anchor=jnp.zeros([], bool),
-    weights=jnp.zeros([n], jnp.float32),
+    weights=zeros,
     taken=jnp.zeros([n], bool),
     agreed=jnp.zeros([n], bool),
-    distance=jnp.zeros([n], jnp.float32),
-    sum_sq_norms=jnp.zeros([], jnp.float32),
+    distance=zeros,
+    sq_norms=zeros,
+    sum_sq_norms=jnp.zeros([], dtype),
   )
 
 
 def _dot_with(x: jax.Array, y: jax.Array) -> jax.Array:
-  """``<x_i, y>`` for ``x [B, ...]`` and ``y [...]``, as ``[B]`` float32."""
+  """``<x_i, y>`` for ``x [B, ...]`` and ``y [...]``, ``[B]`` in y's dtype."""
   return jnp.einsum(
     "ip,p->i",
     x.reshape(x.shape[0], -1),
     y.reshape(-1),
     precision=_gram.PRECISION,
-    preferred_element_type=jnp.float32,
+    preferred_element_type=y.dtype,
   )
 
 
@@ -83,7 +88,8 @@ def absorb(
   Gram matrix and ``B`` dot products with the carried aggregate, then one pass
   to fold the block in.
   """
-  gram, ok = _gram.sanitized(_gram.gram(block))
+  raw = _gram.gram(block)
+  gram, ok = _gram.sanitized(raw)
   cross = None
   if carry.aggregate is not None:
     cross = sum(_dot_with(x, a) for x, a in zip(block, carry.aggregate))
@@ -91,7 +97,7 @@ def absorb(
   s = rules.stream_decisions(
     gram, ok, tau, shrink, cross, carry.agg_sq_norm, carry.has_anchor
   )
-  rows = jnp.stack([s.w, ok.astype(jnp.float32)])
+  rows = jnp.stack([s.w, ok.astype(s.w.dtype)])
   folded = [_gram.masked_tensordot(rows, x, ok) for x in block]
   if carry.aggregate is None:
     aggregate = [f[0] for f in folded]
@@ -112,6 +118,7 @@ def absorb(
     taken=put(carry.taken, s.taken),
     agreed=put(carry.agreed, s.agreed),
     distance=put(carry.distance, s.cosine_distance),
+    sq_norms=put(carry.sq_norms, jnp.diagonal(raw)),
     sum_sq_norms=carry.sum_sq_norms + jnp.sum(jnp.diagonal(gram)),
   )
 
@@ -119,7 +126,11 @@ def absorb(
 def finish(
   carry: Carry, shrink: float, dtypes
 ) -> tuple[list, rules.RuleOutput, jax.Array]:
-  """The update leaves, the decisions and the gradient diversity."""
+  """The update leaves, the decisions and the gradient diversity.
+
+  ``carry.sq_norms`` tells whether the float range held (see
+  :func:`optax_gaf._gram.in_safe_range`).
+  """
   out = rules.running_output(
     carry.weights, carry.taken, carry.agreed, carry.distance, shrink
   )
@@ -130,9 +141,7 @@ def finish(
     0.0,
   )
   updates = [(scale * a).astype(dt) for a, dt in zip(carry.aggregate, dtypes)]
-  sq_norm_of_sum = sum(
-    jnp.sum(jnp.square(t), dtype=jnp.float32) for t in carry.total
-  )
+  sq_norm_of_sum = sum(jnp.sum(jnp.square(t)) for t in carry.total)
   return updates, out, _gram.diversity(carry.sum_sq_norms, sq_norm_of_sum)
 
 
@@ -141,7 +150,7 @@ def filter_blocks(
   tau,
   shrink: float,
   block_size: int = BLOCK_SIZE,
-) -> tuple[list, rules.RuleOutput, jax.Array]:
+) -> Carry:
   """A running-aggregate rule on stacked microgradients, block by block.
 
   Args:
@@ -152,8 +161,8 @@ def filter_blocks(
       N, 1 a pure stream.
 
   Returns:
-    ``(update leaves, RuleOutput, gradient diversity)``, with the same
-    decisions as the rule on the whole Gram matrix.
+    The final :class:`Carry`; :func:`finish` turns it into the update, with
+    the same decisions as the rule on the whole Gram matrix.
   """
   if block_size < 1:
     raise ValueError(f"block_size must be positive; got {block_size}.")
@@ -161,7 +170,8 @@ def filter_blocks(
   b = min(n, block_size)
   # The first block starts the aggregate; whole blocks follow in a scan (so
   # the program does not grow with N), then the remainder.
-  carry = absorb(init_carry(None, n), [x[:b] for x in leaves], 0, tau, shrink)
+  empty = init_carry(None, n, _gram.stat_dtype(leaves))
+  carry = absorb(empty, [x[:b] for x in leaves], 0, tau, shrink)
   m = (n - b) // b
   if m:
     blocks = [x[b : b + m * b].reshape((m, b) + x.shape[1:]) for x in leaves]
@@ -174,4 +184,4 @@ def filter_blocks(
   if b + m * b < n:
     rest = [x[b + m * b :] for x in leaves]
     carry = absorb(carry, rest, b + m * b, tau, shrink)
-  return finish(carry, shrink, [x.dtype for x in leaves])
+  return carry

@@ -161,7 +161,7 @@ def _record(state: GAFState, out, tau, diversity) -> GAFState:
     accepted=None if state.accepted is None else out.accepted,
     cosine_distance=None
     if state.cosine_distance is None
-    else out.cosine_distance,
+    else out.cosine_distance.astype(jnp.float32),
     leaf_acceptance_rate=None
     if state.leaf_acceptance_rate is None
     else jnp.mean(out.accepted, axis=-1, dtype=jnp.float32),
@@ -231,10 +231,28 @@ def _apply_rule(config: _Config, gram, usable, tau) -> rules.RuleOutput:
       f" accepted, cosine_distance); expected {want}."
     )
   return rules.RuleOutput(
-    jnp.asarray(out.weights, jnp.float32),
+    jnp.asarray(out.weights, gram.dtype),
     jnp.asarray(out.ready, bool),
     jnp.asarray(out.accepted, bool),
-    jnp.asarray(out.cosine_distance, jnp.float32),
+    jnp.asarray(out.cosine_distance, gram.dtype),
+  )
+
+
+def _gram_route(config: _Config, placement, leaves, tau):
+  gram, usable, _ = _placement.statistics(placement, leaves, config.per_leaf)
+  out = _apply_rule(config, gram, usable, tau)
+  updates = placement.combine(leaves, out.weights, usable)
+  return updates, out, _gram.gradient_diversity(gram)
+
+
+def _block_route(config: _Config, placement, leaves, tau):
+  """O(NP) without the Gram matrix; the Gram route where norms leave range."""
+  carry = _blockwise.filter_blocks(leaves, tau, config.shrink)
+  dtypes = [x.dtype for x in leaves]
+  return jax.lax.cond(
+    _gram.in_safe_range(carry.sq_norms),
+    lambda: _blockwise.finish(carry, config.shrink, dtypes),
+    lambda: _gram_route(config, placement, leaves, tau),
   )
 
 
@@ -248,12 +266,8 @@ def _route(config: _Config, placement, leaves, tau):
     and config.axis_name is None
     and isinstance(placement, _placement.LocalPlacement)
   )
-  if blockwise:  # no Gram matrix: N dot products with the running aggregate
-    return _blockwise.filter_blocks(leaves, tau, config.shrink)
-  gram, usable = _placement.statistics(placement, leaves, config.per_leaf)
-  out = _apply_rule(config, gram, usable, tau)
-  updates = placement.combine(leaves, out.weights, usable)
-  return updates, out, _gram.gradient_diversity(gram)
+  route = _block_route if blockwise else _gram_route
+  return route(config, placement, leaves, tau)
 
 
 def _init(config: _Config, params) -> GAFState:

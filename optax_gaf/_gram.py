@@ -17,34 +17,59 @@ import jax.numpy as jnp
 # precision would otherwise round the Gram matrix to bf16 passes.
 PRECISION = jax.lax.Precision.HIGHEST
 
+# Squared norms inside [tiny**0.625, max**0.78] (float32: about 1e-24 to
+# 1e30) leave every Gram entry, and the rules' sums of up to N^2 of them, far
+# from under- and overflow.
+_SAFE_POWERS = (0.625, 0.78)
 
-def cross_gram(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Returns ``<x_i, y_j>`` as an ``[n, m]`` float32 matrix.
+# A microgradient whose largest entry is below this fraction of the largest
+# one's is rescaled to it for the decisions (see ``rescale_factors``).
+SCALE_FLOOR = 1e-12
+
+
+def stat_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
+  """float64 if any leaf is float64 (under ``jax_enable_x64``), else float32."""
+  wide = any(jnp.dtype(getattr(x, "dtype", None) or jnp.result_type(x))
+             == jnp.float64 for x in leaves)  # fmt: skip
+  return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def cross_gram(x: jax.Array, y: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Returns ``<x_i, y_j>`` as an ``[n, m]`` matrix of ``dtype``.
 
   Args:
     x: ``[n, ...]``.
     y: ``[m, ...]`` with the same trailing size as ``x``.
+    dtype: the accumulation and output dtype.
   """
   return jnp.einsum(
     "ip,jp->ij",
     x.reshape(x.shape[0], -1),
     y.reshape(y.shape[0], -1),
     precision=PRECISION,
-    preferred_element_type=jnp.float32,
+    preferred_element_type=dtype,
   )
 
 
-def gram(leaves: Sequence[jax.Array], per_leaf: bool = False) -> jax.Array:
+def gram(
+  leaves: Sequence[jax.Array], per_leaf: bool = False, factors=None
+) -> jax.Array:
   """Gram matrix of the microgradients, without concatenating the leaves.
 
   Args:
     leaves: arrays ``[N, ...]``, one per parameter tensor.
     per_leaf: if True, return one matrix per leaf, stacked ``[L, N, N]``.
+    factors: None, or ``[N]`` (``[L, N]``) factors ``f``: the Gram matrix of
+      the ``f_i g_i`` instead (see :func:`rescale_factors`).
 
   Returns:
-    ``[N, N]`` float32 (the whole-pytree inner products), or ``[L, N, N]``.
+    ``[N, N]`` (the whole-pytree inner products), or ``[L, N, N]``, in
+    :func:`stat_dtype`.
   """
-  grams = [cross_gram(x, x) for x in leaves]
+  dtype = stat_dtype(leaves)
+  if factors is not None:
+    leaves = scale_leaves(leaves, factors)
+  grams = [cross_gram(x, x, dtype) for x in leaves]
   if per_leaf:
     return jnp.stack(grams)
   return sum(grams[1:], grams[0])
@@ -67,7 +92,7 @@ def sanitized(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def masked_tensordot(w: jax.Array, x: jax.Array, ok: jax.Array) -> jax.Array:
-  """``w @ x`` over the microbatch axis in float32, zeroing unusable ``x_i``.
+  """``w @ x`` over the microbatch axis in ``w``'s dtype, zeroing unusable ones.
 
   Args:
     w: ``[N]`` weights, or ``[R, N]`` for R weighted sums at once.
@@ -77,7 +102,7 @@ def masked_tensordot(w: jax.Array, x: jax.Array, ok: jax.Array) -> jax.Array:
 
   def dense(x):
     return jnp.tensordot(
-      w, x, axes=1, precision=PRECISION, preferred_element_type=jnp.float32
+      w, x, axes=1, precision=PRECISION, preferred_element_type=w.dtype
     )
 
   def masked(x):
@@ -100,7 +125,7 @@ def weighted_sum(
     usable: ``[N]`` or ``[L, N]`` bool; unusable microgradients are zeroed
       before the sum, since ``0 * nan`` would still poison it.
   """
-  weights = jnp.asarray(weights, jnp.float32)
+  weights = jnp.asarray(weights, stat_dtype(leaves))
   out = []
   for i, x in enumerate(leaves):
     w = weights if weights.ndim == 1 else weights[i]
@@ -127,3 +152,63 @@ def gradient_diversity(gram_matrix: jax.Array) -> jax.Array:
   if gram_matrix.ndim == 3:
     gram_matrix = jnp.sum(gram_matrix, axis=0)
   return diversity(jnp.trace(gram_matrix), jnp.sum(gram_matrix))
+
+
+def max_abs(leaves: Sequence[jax.Array]) -> jax.Array:
+  """``[L, n]``: the largest ``|entry|`` of each microgradient, per leaf.
+
+  In :func:`stat_dtype`; NaN where a microgradient holds a NaN.
+  """
+  dtype = stat_dtype(leaves)
+  return jnp.stack(
+    [
+      jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), axis=1).astype(dtype)
+      for x in leaves
+    ]
+  )
+
+
+def in_safe_range(sq: jax.Array) -> jax.Array:
+  """Whether every squared norm ``sq`` (a Gram diagonal) is in the safe window.
+
+  Out of it are under- and overflowed microgradients, but also zero and
+  non-finite ones: those take the rescaled route too, which excludes them.
+  """
+  info = jnp.finfo(sq.dtype)
+  low = float(info.tiny) ** _SAFE_POWERS[0]
+  high = float(info.max) ** _SAFE_POWERS[1]
+  return jnp.all((sq >= low) & (sq <= high))
+
+
+def rescale_factors(scales: jax.Array) -> jax.Array:
+  """Per-microgradient factors that bring the Gram matrix into range.
+
+  Args:
+    scales: ``[..., N]`` largest ``|entry|`` of each microgradient.
+
+  Returns:
+    ``f`` with the shape of ``scales``: ``1 / s_max`` (one common factor,
+    which changes no decision), raised to ``SCALE_FLOOR / s_i`` for a
+    microgradient below ``SCALE_FLOOR * s_max``, so that it is not lost to
+    underflow (its magnitude only weighs the running aggregate, where it is
+    below float32 resolution anyway); 0 for zero or non-finite ones.
+  """
+  ok = jnp.isfinite(scales) & (scales > 0)
+  safe = jnp.where(ok, scales, 1.0)
+  s_max = jnp.max(jnp.where(ok, scales, 0.0), axis=-1, keepdims=True)
+  s_max = jnp.where(s_max > 0, s_max, 1.0)
+  return jnp.where(ok, jnp.maximum(1.0 / s_max, SCALE_FLOOR / safe), 0.0)
+
+
+def scale_leaves(
+  leaves: Sequence[jax.Array], factors: jax.Array
+) -> list[jax.Array]:
+  """``f_i g_i`` per leaf (``factors`` ``[N]`` or ``[L, N]``), NaN-safe."""
+  out = []
+  for i, x in enumerate(leaves):
+    f = factors if factors.ndim == 1 else factors[i]
+    f = f.reshape((-1,) + (1,) * (x.ndim - 1))
+    dtype = stat_dtype([x])
+    scaled = x.astype(dtype) * f.astype(dtype)
+    out.append(jnp.where(f > 0, scaled, jnp.zeros((), dtype)))
+  return out

@@ -58,9 +58,18 @@ class Placement(Protocol):
     """The global N, from the leading size of the leaves held here."""
 
   def gram(
-    self, leaves: Sequence[jax.Array], per_leaf: bool = False
+    self, leaves: Sequence[jax.Array], per_leaf: bool = False, factors=None
   ) -> jax.Array:
-    """The replicated ``[N, N]`` (or ``[L, N, N]``) float32 Gram matrix."""
+    """The replicated ``[N, N]`` (or ``[L, N, N]``) Gram matrix.
+
+    With ``factors`` (global ``[N]`` or ``[L, N]``), that of ``f_i g_i``.
+    """
+
+  def max_abs(self, leaves: Sequence[jax.Array]) -> jax.Array:
+    """The replicated ``[L, N]`` largest ``|entry|`` per leaf and microgradient.
+
+    Only called on the rare step whose Gram diagonal leaves the safe range.
+    """
 
   def combine(
     self, leaves: Sequence[jax.Array], weights: jax.Array, usable: jax.Array
@@ -74,8 +83,11 @@ class LocalPlacement(NamedTuple):
   def num_microgradients(self, n_local: int) -> int:
     return n_local
 
-  def gram(self, leaves, per_leaf=False):
-    return _gram.gram(leaves, per_leaf)
+  def gram(self, leaves, per_leaf=False, factors=None):
+    return _gram.gram(leaves, per_leaf, factors)
+
+  def max_abs(self, leaves):
+    return _gram.max_abs(leaves)
 
   def combine(self, leaves, weights, usable):
     return _gram.weighted_sum(leaves, weights, usable)
@@ -125,6 +137,12 @@ def _chunk(x: jax.Array, axis_name: AxisName, num_devices: int) -> jax.Array:
   return y.reshape(num_devices * n_local, -1)
 
 
+def _gathered_max_abs(leaves, axis_name: AxisName) -> jax.Array:
+  """Each device's own microgradients' ``[L, n_local]`` maxima -> ``[L, N]``."""
+  local = _gram.max_abs(leaves)
+  return lax.all_gather(local, axis_name, axis=1, tiled=True, to="invarying")
+
+
 class AllToAllPlacement(NamedTuple):
   """Each device works on chunk ``axis_index`` of all N microgradients.
 
@@ -142,9 +160,12 @@ class AllToAllPlacement(NamedTuple):
     d = lax.axis_size(self.axis_name)
     return [_chunk(x, self.axis_name, d) for x in leaves]
 
-  def gram(self, leaves, per_leaf=False):
-    partial = _gram.gram(self._chunks(leaves), per_leaf)
+  def gram(self, leaves, per_leaf=False, factors=None):
+    partial = _gram.gram(self._chunks(leaves), per_leaf, factors)
     return lax.psum(partial, self.axis_name)
+
+  def max_abs(self, leaves):
+    return _gathered_max_abs(leaves, self.axis_name)
 
   def combine(self, leaves, weights, usable):
     parts = _gram.weighted_sum(self._chunks(leaves), weights, usable)
@@ -173,8 +194,11 @@ class AllGatherPlacement(NamedTuple):
       for x in leaves
     ]
 
-  def gram(self, leaves, per_leaf=False):
-    return _gram.gram(self._gather(leaves), per_leaf)
+  def gram(self, leaves, per_leaf=False, factors=None):
+    return _gram.gram(self._gather(leaves), per_leaf, factors)
+
+  def max_abs(self, leaves):
+    return _gathered_max_abs(leaves, self.axis_name)
 
   def combine(self, leaves, weights, usable):
     return _gram.weighted_sum(self._gather(leaves), weights, usable)
@@ -227,9 +251,16 @@ class MeshPlacement(NamedTuple):
     d = math.prod(self.mesh.shape[a] for a in self.axes)
     return [self._constrain(_pad_flat(x, d), None, self.axes) for x in leaves]
 
-  def gram(self, leaves, per_leaf=False):
+  def gram(self, leaves, per_leaf=False, factors=None):
+    def fn(leaves, factors):
+      g = _gram.gram(self._chunks(leaves), per_leaf, factors)
+      return self._constrain(g)
+
+    return self._auto(fn, P())(leaves, factors)
+
+  def max_abs(self, leaves):
     def fn(leaves):
-      return self._constrain(_gram.gram(self._chunks(leaves), per_leaf))
+      return self._constrain(_gram.max_abs(leaves))
 
     return self._auto(fn, P())(leaves)
 
@@ -330,6 +361,33 @@ def resolve_placement(
 
 def statistics(
   placement: Placement, leaves: Sequence[jax.Array], per_leaf: bool = False
-) -> tuple[jax.Array, jax.Array]:
-  """Stage 1 as every aggregator runs it: ``(sanitized Gram, usable mask)``."""
-  return _gram.sanitized(placement.gram(leaves, per_leaf))
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Stage 1 as every aggregator runs it, safe from under- and overflow.
+
+  When a squared norm on the Gram diagonal leaves the safe range (or is zero
+  or non-finite), the Gram matrix is taken again of rescaled microgradients
+  ``f_i g_i`` (:func:`optax_gaf._gram.rescale_factors`): one more pass over
+  them, on that rare step only. A common factor changes no rule's weights,
+  which apply to the original ``g_i``.
+
+  Returns:
+    ``(gram, usable, factors)``: the sanitized Gram matrix of ``f_i g_i``,
+    the mask of usable microgradients and ``f`` (ones on the common step),
+    shaped like ``usable``.
+  """
+  gram = placement.gram(leaves, per_leaf)
+
+  def plain(gram):
+    return gram, jnp.ones(gram.shape[:-1], gram.dtype)
+
+  def rescaled(gram):
+    scales = placement.max_abs(leaves)  # [L, N]
+    if not per_leaf:
+      scales = jnp.max(scales, axis=0)  # NaN and inf propagate
+    f = _gram.rescale_factors(scales).astype(gram.dtype)
+    return placement.gram(leaves, per_leaf, f), f
+
+  safe = _gram.in_safe_range(jnp.diagonal(gram, axis1=-2, axis2=-1))
+  gram, factors = lax.cond(safe, plain, rescaled, gram)
+  gram, usable = _gram.sanitized(gram)
+  return gram, usable, factors

@@ -22,6 +22,7 @@ import optax
 
 from optax_gaf import _blockwise
 from optax_gaf import _checks
+from optax_gaf import _gram
 from optax_gaf import _microbatching
 from optax_gaf import _threshold
 from optax_gaf import rules
@@ -125,7 +126,8 @@ def gaf_accumulator(
   def init(value):
     leaves, meta["treedef"] = jax.tree.flatten(value)
     meta["dtypes"] = [x.dtype for x in leaves]
-    return _blockwise.init_carry([x.shape for x in leaves], n)
+    dtype = _gram.stat_dtype(leaves)
+    return _blockwise.init_carry([x.shape for x in leaves], n, dtype)
 
   def update(carry, value, index):
     block = [x[None] for x in jax.tree.leaves(value)]
@@ -137,7 +139,9 @@ def gaf_accumulator(
 
   def aggregate(values):
     leaves, treedef = jax.tree.flatten(values)
-    updates, out, diversity = _blockwise.filter_blocks(leaves, tau, shrink)
+    carry = _blockwise.filter_blocks(leaves, tau, shrink)
+    dtypes = [x.dtype for x in leaves]
+    updates, out, diversity = _blockwise.finish(carry, shrink, dtypes)
     return _filtered(treedef.unflatten(updates), out, tau, diversity)
 
   return optax.microbatching.Accumulator(init, update, finalize, aggregate)

@@ -56,14 +56,15 @@ class RuleOutput(NamedTuple):
   """What a rule decides for one step.
 
   Attributes:
-    weights: ``[N]`` float32. The update is ``sum_i weights[i] * g_i``. All zero
-      on a no-agreement step.
+    weights: ``[N]``, in the Gram matrix's dtype. The update is
+      ``sum_i weights[i] * g_i``. All zero on a no-agreement step.
     ready: bool scalar. False on a no-agreement step.
     accepted: ``[N]`` bool. The microgradients taken into the result (for the
       built-in rules: the anchor and those that agree; on a no-agreement step
       only the anchor).
-    cosine_distance: ``[N]`` float32. Each microgradient's cosine distance when
-      it was compared (0 for the anchor, NaN for unusable ones).
+    cosine_distance: ``[N]``, in the Gram matrix's dtype. Each
+      microgradient's cosine distance when it was compared (0 for the anchor,
+      NaN for unusable ones).
   """
 
   weights: jax.Array
@@ -85,7 +86,11 @@ class Rule(Protocol):
     """Decides one step.
 
     Args:
-      gram: ``[N, N]`` float32 Gram matrix, zero on unusable rows and columns.
+      gram: ``[N, N]`` Gram matrix (float32; float64 for float64
+        microgradients), zero on unusable rows and columns. It may be that of
+        rescaled microgradients ``f_i g_i`` (on a step whose norms would
+        under- or overflow); the weights still apply to the ``g_i``, so they
+        must not change when the Gram matrix is scaled by a common factor.
       usable: ``[N]`` bool, the finite and nonzero microgradients.
       tau: float32 scalar, the threshold of this step.
 
@@ -144,9 +149,9 @@ def stream_decisions(
     microgradient whether it was taken (anchor or agreed), agreed, and its
     distance (0 for the anchor, NaN when unusable).
   """
-  n = gram.shape[-1]
+  n, dtype = gram.shape[-1], gram.dtype
   if cross is None:
-    cross = jnp.zeros([n], jnp.float32)
+    cross = jnp.zeros([n], dtype)
 
   def step(carry, xs):
     alpha, w, sq, has = carry
@@ -155,7 +160,7 @@ def stream_decisions(
     dist = cosine_distance(dot, sq_j, sq)
     is_anchor = ok & ~has
     agrees = ok & has & (dist <= tau)
-    e_j = jax.nn.one_hot(j, n, dtype=jnp.float32)
+    e_j = jax.nn.one_hot(j, n, dtype=dtype)
     alpha = jnp.where(agrees, shrink * alpha, alpha)
     w = jnp.where(is_anchor, e_j, jnp.where(agrees, shrink * (w + e_j), w))
     sq = jnp.where(
@@ -167,16 +172,14 @@ def stream_decisions(
     return (alpha, w, sq, has | ok), (is_anchor | agrees, agrees, dist)
 
   init = (
-    jnp.ones([], jnp.float32),
-    jnp.zeros([n], jnp.float32),
-    jnp.asarray(sq_norm, jnp.float32),
+    jnp.ones([], dtype),
+    jnp.zeros([n], dtype),
+    jnp.asarray(sq_norm, dtype),
     jnp.asarray(has_anchor, bool),
   )
   xs = (jnp.arange(n), gram, cross, jnp.diagonal(gram), usable)
   (alpha, w, sq, has), (taken, agreed, dist) = jax.lax.scan(step, init, xs)
-  return StreamResult(
-    alpha, w, sq, has, taken, agreed, dist.astype(jnp.float32)
-  )
+  return StreamResult(alpha, w, sq, has, taken, agreed, dist.astype(dtype))
 
 
 def running_output(w, taken, agreed, dist, shrink) -> RuleOutput:
@@ -254,7 +257,7 @@ def medoid(gram, usable, tau) -> RuleOutput:
   members = is_anchor | neighbours
   weights = jnp.where(ready, members / jnp.maximum(jnp.sum(members), 1), 0.0)
   accepted = jnp.where(ready, members, is_anchor)
-  return RuleOutput(weights.astype(jnp.float32), ready, accepted, to_anchor)
+  return RuleOutput(weights.astype(gram.dtype), ready, accepted, to_anchor)
 
 
 def soft(gram, usable, tau, temperature=0.05) -> RuleOutput:
@@ -278,7 +281,7 @@ def soft(gram, usable, tau, temperature=0.05) -> RuleOutput:
   ready = has_anchor & (jnp.sum(jnp.where(is_anchor, 0.0, w)) >= 0.5)
   weights = jnp.where(ready, w / jnp.where(ready, jnp.sum(w), 1.0), 0.0)
   accepted = jnp.where(ready, usable & (to_anchor <= tau), is_anchor)
-  return RuleOutput(weights.astype(jnp.float32), ready, accepted, to_anchor)
+  return RuleOutput(weights.astype(gram.dtype), ready, accepted, to_anchor)
 
 
 BY_NAME: dict[str, Rule] = {
