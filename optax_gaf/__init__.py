@@ -18,6 +18,7 @@ from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
 from optax_gaf._placement import Placement
 from optax_gaf._placement import resolve_placement
+from optax_gaf._process import process
 from optax_gaf._stats import stats
 from optax_gaf._streaming import FilteredGradients
 from optax_gaf._streaming import gaf_accumulator
@@ -40,6 +41,7 @@ __all__ = (
   "gaf",
   "gaf_accumulator",
   "microbatch_grads",
+  "process",
   "resolve_placement",
   "rules",
   "split_microbatches",

@@ -73,7 +73,7 @@ def and_mask(
   ``get_grads(method='and_mask')`` of the authors' ``and_mask_utils.py``
   (learning-explanations-hard-to-vary), with microgradients in place of
   environments. With ``scale_grad_inverse_sparsity`` every leaf is divided by
-  ``1e-10 + `` the fraction of its coordinates kept, as there.
+  ``1e-10`` plus the fraction of its coordinates kept, as there.
 
   It is elementwise and does not fit GAF's Gram matrix -> rule design: it reads
   the Gram matrix only for ``gradient_diversity`` and to exclude non-finite or

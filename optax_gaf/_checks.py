@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 _TRACED = (
   jax.errors.ConcretizationTypeError,
@@ -66,20 +67,36 @@ def axis_name(value: Any) -> None:
     )
 
 
+_WRAPPED = (
+  "Microgradient leaves are shaped exactly like the params, so gaf got one"
+  " gradient, not [N, *param.shape] microgradients. Likely causes: a missing"
+  " jax.vmap over the microbatches, or a wrapper outside gaf that expects"
+  " params-shaped gradients (optax.MultiSteps, optax.apply_if_finite, ...)."
+  " Put such wrappers after gaf: aggregating.process(optax.identity(),"
+  " gaf(...), optax.MultiSteps(inner, k))."
+)
+
+
 def microgradients(grads: Any, params: Any = None) -> int:
   """Validates the microgradient pytree and returns its leading size.
 
-  Every leaf must be ``[N, *param.shape]`` with one N for all leaves.
+  Every leaf must be a real floating array ``[N, *param.shape]`` with one N
+  for all leaves.
 
   Raises:
+    TypeError: for integer, bool or complex leaves.
     ValueError: with a message that names the leaf and the problem.
   """
+  _refuse_masked(grads)
   path_leaves = jax.tree_util.tree_leaves_with_path(grads)
   if not path_leaves:
     raise ValueError("The microgradients pytree has no leaves.")
+  if params is not None and _shaped_like(grads, params):
+    raise ValueError(_WRAPPED)
   sizes = {}
   for path, x in path_leaves:
     name = jax.tree_util.keystr(path) or "<root>"
+    _check_dtype(name, x)
     if jnp.ndim(x) < 1:
       raise ValueError(
         f"Microgradient leaf {name} is a scalar; every leaf needs a leading"
@@ -93,6 +110,39 @@ def microgradients(grads: Any, params: Any = None) -> int:
   if params is not None:
     _match_params(path_leaves, grads, params)
   return next(iter(sizes.values()))
+
+
+def _refuse_masked(grads: Any) -> None:
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_masked(x) for x in jax.tree.leaves(grads, is_leaf=is_masked)):
+    raise ValueError(
+      "gaf got optax.MaskedNode leaves: it is inside optax.masked, which"
+      " would pass the masked-out [N, ...] microgradients on un-aggregated."
+      " Use optax.multi_transform with aggregating.process(optax.identity(),"
+      " gaf(...), inner) on each partition instead."
+    )
+
+
+def _shaped_like(grads: Any, params: Any) -> bool:
+  if jax.tree.structure(grads) != jax.tree.structure(params):
+    return False
+  pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(params))
+  return all(jnp.shape(g) == jnp.shape(p) for g, p in pairs)
+
+
+def _check_dtype(name: str, x: Any) -> None:
+  dtype = jnp.dtype(getattr(x, "dtype", None) or jnp.result_type(x))
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+      f"Microgradient leaf {name} is complex ({dtype}); GAF's cosine"
+      " distance is defined for real vectors. Pass the real and imaginary"
+      " parts as separate real leaves."
+    )
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      f"Microgradient leaf {name} has dtype {dtype}; gradients must be"
+      " floating point (an integer or bool mean would be truncated)."
+    )
 
 
 def _match_params(path_leaves, grads, params) -> None:

@@ -40,9 +40,10 @@ def stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
       ``aggregating.process``, ``inject_hyperparams``).
 
   Returns:
-    A dict with the state's fields that are in use (a ``GAFState`` field that
-    is None because its feature is off is left out), plus ``skip_rate``, the
-    fraction of steps so far that were no-agreement steps.
+    A dict of plain arrays (also for a Flax NNX optimizer's state) with the
+    state's fields that are in use (a field that is None because its feature
+    is off is left out), plus ``skip_rate``, the fraction of steps so far
+    that were no-agreement steps.
 
   Raises:
     ValueError: if the state holds none or several aggregator states.
@@ -56,8 +57,7 @@ def stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
     >>> bool(s["ready"]), int(s["skipped_steps"]), float(s["skip_rate"])
     (False, 1, 1.0)
   """
-  found = [tree.get(opt_state, name, None) for name in _STATE_NAMES]
-  found = [s for s in found if s is not None]
+  found = [s for s in map(_find(opt_state), _STATE_NAMES) if s is not None]
   if not found:
     raise ValueError(
       "opt_state holds no GAFState, AndMaskState or AdaConsState; is an"
@@ -65,7 +65,25 @@ def stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
     )
   if len(found) > 1:
     raise ValueError("opt_state holds more than one aggregator state.")
-  state = found[0]
-  out = {k: v for k, v in state._asdict().items() if v is not None}
-  out["skip_rate"] = state.skipped_steps / jnp.maximum(state.count, 1)
+  # Flax NNX wraps every array of its optimizer state in a Variable.
+  out = {k: _unwrap(v) for k, v in found[0]._asdict().items() if v is not None}
+  out["skip_rate"] = out["skipped_steps"] / jnp.maximum(out["count"], 1)
   return out
+
+
+def _find(opt_state):
+  def find(name):
+    try:
+      return tree.get(opt_state, name, None)
+    except KeyError as e:  # optax found several
+      raise ValueError(
+        f"opt_state holds more than one {name}; call stats() on the part of"
+        " the state that holds the one you want (e.g. opt_state[0])."
+      ) from e
+
+  return find
+
+
+def _unwrap(value):
+  leaves = jax.tree.leaves(value)
+  return leaves[0] if len(leaves) == 1 else value

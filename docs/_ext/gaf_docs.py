@@ -17,7 +17,6 @@ import filecmp
 import importlib
 import inspect
 import pathlib
-import re
 import shutil
 import types
 
@@ -177,19 +176,6 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
   return skip
 
 
-# An inline literal that ends in a space before its closing backticks
-# (``1e-10 + `` ...) is not markup to docutils ("Inline literal start-string
-# without end-string"). Drop the space. Temporary: remove once no docstring
-# in optax_gaf has one (today: and_mask's).
-_LITERAL_WITH_TRAILING_SPACE = re.compile(r"``(\S[^`]*?)\s+``(?=\s|$|[.,;:)])")
-
-
-def _repair_inline_literals(app, what, name, obj, options, lines):
-  del app, what, name, obj, options
-  for i, line in enumerate(lines):
-    lines[i] = _LITERAL_WITH_TRAILING_SPACE.sub(r"``\1``", line)
-
-
 def _protocol_signature(app, what, name, obj, options, signature, ret):
   """A Protocol is a signature to implement, not a class to call."""
   del app, name, options
@@ -201,6 +187,5 @@ def _protocol_signature(app, what, name, obj, options, signature, ret):
 def setup(app):
   app.connect("config-inited", _generate)
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
-  app.connect("autodoc-process-docstring", _repair_inline_literals)
   app.connect("autodoc-process-signature", _protocol_signature)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
