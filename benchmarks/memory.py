@@ -5,14 +5,14 @@
 
 * ``vmap``: ``microbatch_grads`` (all N microgradients at once) + ``gaf``;
 * ``streaming``: ``streaming_grads`` (one microgradient at a time in a
-  ``fori_loop``) + the same ``gaf``.
+  ``fori_loop``) + ``streamed``, which records its decisions.
 
 "temp" is XLA's scratch memory, what the step needs beyond its inputs and
 outputs; the batch itself (an argument) grows with N on both paths.
 
 Run::
 
-  PYTHONPATH=. python benchmarks/memory.py
+  python -m benchmarks.memory
 
 It writes ``benchmarks/results/memory.md``.
 """
@@ -31,11 +31,11 @@ MICROBATCH = 8
 def make_step(n, streaming, rule):
   if streaming:
     grad_fn = optax_gaf.streaming_grads(_common.xent, n, TAU, rule=rule)
+    aggregator = optax_gaf.streamed(num_microbatches=n)
   else:
     grad_fn = optax_gaf.microbatch_grads(_common.xent, n)
-  return _common.train_step(
-    optax_gaf.gaf(TAU, rule=rule, num_microbatches=n), grad_fn
-  )
+    aggregator = optax_gaf.gaf(TAU, rule=rule, num_microbatches=n)
+  return _common.train_step(aggregator, grad_fn)
 
 
 def main():
