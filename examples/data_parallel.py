@@ -1,28 +1,46 @@
-"""Data-parallel training with GAF across devices: ``shard_map`` + ``gaf(axis_name=...)``.
-
-A Flax NNX MLP learns scikit-learn's handwritten digits (offline) with symmetric
-label noise. The global batch is sharded over the ``"data"`` axis of a
-``jax.make_mesh`` mesh; each device splits its shard into ``n_local``
-microbatches and computes their gradients; ``gaf(axis_name="data")`` decides
-over all ``N = devices x n_local`` microgradients at the communication cost of
-one all-reduce, and every device applies the same update (the parameters and
-optimizer state stay replicated: ``out_specs=P()``).
-
-Runs as is on 8 simulated CPU devices. On a multi-GPU host or a TPU VM it uses
-the accelerators unchanged (``--cpu-devices`` only affects the CPU backend).
-On a multi-host pod slice or GPU cluster, run the same command on every host
-with ``--multihost``, which calls ``jax.distributed.initialize()`` first (see
-https://docs.jax.dev/en/latest/multi_process.html); each process feeds the rows
-for its own devices.
+"""Data-parallel GAF across devices: ``shard_map`` + ``gaf(axis_name=...)``.
 
   python examples/data_parallel.py                # 8 simulated CPU devices
   python examples/data_parallel.py --tau 2        # tau=2 accepts all: the mean
+
+A Flax NNX MLP learns scikit-learn's handwritten digits (offline) with
+symmetric label noise: exactly ``--label-noise`` of the training labels are
+moved to a random other class. The global batch is sharded over the
+``"data"`` axis of a ``jax.make_mesh`` mesh; each device splits its shard
+into ``--n-local`` microbatches and computes their gradients;
+``gaf(axis_name="data")`` decides over all ``N = devices x n_local``
+microgradients at the communication cost of one all-reduce, and every device
+applies the same update (parameters and optimizer state stay replicated:
+``out_specs=P()``).
+
+Runs as is on 8 simulated CPU devices. On a multi-GPU host or a TPU VM it
+uses the accelerators unchanged (``--cpu-devices`` only affects the CPU
+backend). On a multi-host pod slice or GPU cluster, run the same command on
+every host with ``--multihost``, which calls ``jax.distributed.initialize()``
+first (see https://docs.jax.dev/en/latest/multi_process.html); each process
+feeds the rows for its own devices.
 """
 
 import argparse
+import contextlib
 import functools
-import pathlib
-import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from optax.experimental import aggregating
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import optax_gaf
+
+NUM_CLASSES = 10
 
 
 def parse_args(argv=None):
@@ -43,64 +61,60 @@ def parse_args(argv=None):
   )
   p.add_argument("--microbatch-size", type=int, default=16)
   p.add_argument("--tau", type=float, default=0.95)
-  p.add_argument("--label-noise", type=float, default=0.4)
+  p.add_argument(
+    "--label-noise",
+    type=float,
+    default=0.4,
+    help="fraction of training labels moved to another class, in [0, 1)",
+  )
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if not 0.0 <= args.label_noise < 1.0:
+    p.error(f"--label-noise must lie in [0, 1); got {args.label_noise}.")
+  if min(args.cpu_devices, args.n_local, args.microbatch_size) < 1:
+    p.error("--cpu-devices, --n-local and --microbatch-size must be >= 1.")
+  if args.steps < 1:
+    p.error("--steps must be >= 1.")
+  return args
 
 
-def train(args, progress=True):
-  """Trains; returns a dict of per-step logs and the final test accuracy."""
-  import jax  # pylint: disable=g-import-not-at-top
+def symmetric_label_noise(labels, num_classes, rate, seed):
+  """Moves exactly ``round(rate * n)`` labels to a random *other* class."""
+  rng = np.random.default_rng(seed)
+  chosen = rng.permutation(len(labels))[: int(round(rate * len(labels)))]
+  noisy = labels.copy()
+  # An offset in [1, C-1] never lands on the true class.
+  offsets = rng.integers(1, num_classes, size=len(chosen))
+  noisy[chosen] = (labels[chosen] + offsets) % num_classes
+  return noisy.astype(np.int32)
 
-  # Only sizes the CPU backend, and only before any backend has started.
-  try:
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-  except RuntimeError:
-    pass  # already started (e.g. in a notebook): keep its devices
-  if args.multihost:
-    jax.distributed.initialize()
 
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jax import lax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from optax.experimental import aggregating  # pylint: disable=g-import-not-at-top
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
-
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  import optax_gaf  # pylint: disable=g-import-not-at-top
-
-  num_devices = jax.device_count()
-  mesh = jax.make_mesh((num_devices,), ("data",))
-  n_global = num_devices * args.n_local
-  batch_size = n_global * args.microbatch_size
-
-  # The same arrays on every process: a fixed split, noise from the seed.
+def load_data(args):
+  """The same arrays on every process: a fixed split, noise from the seed."""
   digits = load_digits()
   x = (digits.data / 16.0).astype(np.float32)
   x_train, x_test, y_train, y_test = train_test_split(
     x, digits.target, test_size=0.25, random_state=0, stratify=digits.target
   )
-  rng = np.random.default_rng(args.seed)
-  noisy = rng.random(len(y_train)) < args.label_noise
-  y_noisy = np.where(noisy, rng.integers(0, 10, len(y_train)), y_train)
+  y_noisy = symmetric_label_noise(
+    y_train, NUM_CLASSES, args.label_noise, args.seed
+  )
+  return x_train, y_noisy, x_test, y_test
 
-  class MLP(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(64, 128, rngs=rngs)
-      self.out = nnx.Linear(128, 10, rngs=rngs)
 
-    def __call__(self, x):
-      return self.out(jax.nn.relu(self.hidden(x)))
+class MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(64, 128, rngs=rngs)
+    self.out = nnx.Linear(128, NUM_CLASSES, rngs=rngs)
 
-  graphdef, params = nnx.split(MLP(nnx.Rngs(args.seed)))
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.hidden(x)))
+
+
+def make_train_step(mesh, graphdef, tx, n_local):
+  """``step(params, opt_state, batch)``; ``batch`` sharded over ``"data"``."""
 
   def loss_fn(params, batch):
     logits = nnx.merge(graphdef, params)(batch["x"])
@@ -108,17 +122,7 @@ def train(args, progress=True):
       logits, batch["y"]
     ).mean()
 
-  # process() skips adam entirely on a no-agreement step.
-  tx = aggregating.process(
-    optax.identity(),
-    optax_gaf.gaf(args.tau, axis_name="data", num_microbatches=n_global),
-    optax.adam(args.lr),
-  )
-  # Replicated from the start, as train_step returns them: one compilation.
-  params, opt_state = jax.device_put(
-    (params, tx.init(params)), NamedSharding(mesh, P())
-  )
-  grad_fn = optax_gaf.microbatch_grads(loss_fn, args.n_local)
+  grad_fn = optax_gaf.microbatch_grads(loss_fn, n_local)
 
   @jax.jit
   @functools.partial(
@@ -137,23 +141,55 @@ def train(args, progress=True):
       lax.pmean(losses.mean(), "data"),
     )
 
-  @jax.jit
-  def accuracy(params, x, y):
-    logits = nnx.merge(graphdef, params)(x)
-    return jnp.mean(jnp.argmax(logits, -1) == y)
+  return train_step
 
+
+def make_global_batch(mesh, x_train, y_noisy, batch_size, seed):
+  """``global_batch(step)``: this process's rows of the step's batch."""
   sharding = NamedSharding(mesh, P("data"))
   rows = batch_size // jax.process_count()
   first = jax.process_index() * rows
 
   def global_batch(step):
-    idx = np.random.default_rng((args.seed, step)).choice(
+    idx = np.random.default_rng((seed, step)).choice(
       len(x_train), batch_size, replace=False
     )[first : first + rows]
-    local = {"x": x_train[idx], "y": y_noisy[idx].astype(np.int32)}
+    local = {"x": x_train[idx], "y": y_noisy[idx]}
     return jax.tree.map(
       lambda a: jax.make_array_from_process_local_data(sharding, a), local
     )
+
+  return global_batch
+
+
+def train(args, progress=True):
+  """Trains; returns a dict of per-step logs and the final test accuracy."""
+  # Sizes the CPU backend; once a backend has started (e.g. in a notebook)
+  # this raises, and the run keeps the devices it has.
+  with contextlib.suppress(RuntimeError):
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  if args.multihost:
+    jax.distributed.initialize()
+
+  num_devices = jax.device_count()
+  mesh = jax.make_mesh((num_devices,), ("data",))
+  n_global = num_devices * args.n_local
+  x_train, y_noisy, x_test, y_test = load_data(args)
+  graphdef, params = nnx.split(MLP(nnx.Rngs(args.seed)))
+  # process() skips adam entirely on a no-agreement step.
+  tx = aggregating.process(
+    optax.identity(),
+    optax_gaf.gaf(args.tau, axis_name="data", num_microbatches=n_global),
+    optax.adam(args.lr),
+  )
+  # Replicated from the start, as train_step returns them: one compilation.
+  params, opt_state = jax.device_put(
+    (params, tx.init(params)), NamedSharding(mesh, P())
+  )
+  train_step = make_train_step(mesh, graphdef, tx, args.n_local)
+  global_batch = make_global_batch(
+    mesh, x_train, y_noisy, n_global * args.microbatch_size, args.seed
+  )
 
   logs = {"loss": [], "acceptance_rate": [], "ready": []}
   for step in tqdm.trange(args.steps, desc="train", disable=not progress):
@@ -162,14 +198,15 @@ def train(args, progress=True):
     logs["loss"].append(float(loss))
     logs["acceptance_rate"].append(float(s["acceptance_rate"]))
     logs["ready"].append(bool(s["ready"]))
-  logs["test_accuracy"] = float(accuracy(params, x_test, y_test))
+  logits = nnx.merge(graphdef, params)(x_test)
+  logs["test_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
   logs["num_devices"] = num_devices
   logs["num_microbatches"] = n_global
   return logs
 
 
-def main():
-  args = parse_args()
+def main(argv=None):
+  args = parse_args(argv)
   logs = train(args)
   steps = len(logs["loss"])
   print(
