@@ -6,9 +6,9 @@ fold. B = 1 is a pure stream, B >= N the full Gram matrix. The gradients are
 the small CNN's parameters (25.6k) stacked N times; ``mean`` is the plain
 average of the same stack. Interleaved, median microseconds per call.
 
-Run::
+Run from the repository root::
 
-  PYTHONPATH=. python benchmarks/block_size.py
+  python -m benchmarks.block_size
 """
 
 import jax

@@ -19,9 +19,9 @@ reduce-scatter ``(D-1)/D x`` their full (gathered) size; collective-permute
 its size. Step times are medians over repetitions run interleaved in one
 process (this machine is noisy: read the ratios).
 
-Run:
-  python benchmarks/collectives.py            # writes benchmarks/results/
-  python benchmarks/collectives.py --n-local 2 --reps 3 \
+Run from the repository root:
+  python -m benchmarks.collectives            # writes benchmarks/results/
+  python -m benchmarks.collectives --n-local 2 --reps 3 \
       --skip "gaf all_gather,jit gaf (unconstrained)" \
       --out benchmarks/results/collectives_n_local2.md
 """

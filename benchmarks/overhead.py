@@ -11,11 +11,11 @@ divided by plain averaging's (``aggregating.average_per_element_updates``).
 * ``gram``: the sequential rule through the full N x N Gram matrix (the
   route every other rule and the multi-device placement take), for reference.
 
-Run::
+Run from the repository root::
 
-  PYTHONPATH=. python benchmarks/overhead.py            # the README table
-  PYTHONPATH=. python benchmarks/overhead.py --quick    # a smoke run
-  PYTHONPATH=. python benchmarks/overhead.py --isolated # aggregators alone
+  python -m benchmarks.overhead              # the README table
+  python -m benchmarks.overhead --quick      # a smoke run
+  python -m benchmarks.overhead --isolated   # aggregators alone
 
 It writes ``benchmarks/results/overhead.md`` and ``overhead.png`` (or
 ``overhead_isolated.md``).
@@ -102,7 +102,7 @@ def isolated(ns, rounds, out_dir):
     f"The aggregator's `update` alone, jitted, on N stacked microgradients"
     f" of the {_common.num_params(params)}-parameter CNN (median"
     f" microseconds over {rounds} interleaved rounds, {os.cpu_count()} CPU"
-    f" cores).\n`PYTHONPATH=. python benchmarks/overhead.py --isolated`"
+    f" cores).\n`python -m benchmarks.overhead --isolated`"
     f"\n\n{table}\n",
   )
 
@@ -165,7 +165,7 @@ def main():
     f" (median over {rounds} interleaved rounds). Small CNN,"
     f" {_common.num_params(params)} parameters, 32x32x3 inputs, SGD"
     f" momentum, tau={TAU}. {os.cpu_count()} CPU cores, jax"
-    f" {jax.__version__}.\n`PYTHONPATH=. python benchmarks/overhead.py"
+    f" {jax.__version__}.\n`python -m benchmarks.overhead"
     f"{' --quick' if args.quick else ''}`\n\n{table}\n\n"
     f"Worst gaf / average: {worst:.3f}\n",
   )

@@ -23,9 +23,9 @@ environment::
   /work/venv-torch/bin/pip install gradient-agreement-filtering==0.1.3 \\
       jax optax chex numpy
 
-Run (from the repository root)::
+Run from the repository root::
 
-  PYTHONPATH=. /work/venv-torch/bin/python benchmarks/vs_reference.py
+  /work/venv-torch/bin/python -m benchmarks.vs_reference
 
 It writes ``benchmarks/results/vs_reference.md``.
 """
@@ -230,8 +230,8 @@ def main():
     f" lr={LR} momentum={MOMENTUM}; torch {torch.__version__} (CPU),"
     f" gradient-agreement-filtering 0.1.3, jax {jax.__version__},"
     f" {os.cpu_count()} CPU cores, torch threads {args.torch_threads}.\n"
-    f"`PYTHONPATH=. /work/venv-torch/bin/python"
-    f" benchmarks/vs_reference.py`\n\n{table}\n",
+    f"`/work/venv-torch/bin/python -m benchmarks.vs_reference`"
+    f"\n\n{table}\n",
   )
 
 
