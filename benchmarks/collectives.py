@@ -73,29 +73,28 @@ _OP = re.compile(
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 
 
-def _bytes(type_text):
-  sizes = []
+def _shapes(type_text):
+  """``[(dtype, dims), ...]`` of an HLO result type, known dtypes only."""
+  out = []
   for dtype, dims in _SHAPE.findall(type_text):
-    if dtype not in _DTYPE_BYTES:
-      continue
-    n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-    sizes.append(n * _DTYPE_BYTES[dtype])
-  return sizes
+    if dtype in _DTYPE_BYTES:
+      out.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+  return out
 
 
-def ring_bytes(hlo_text, num_devices=D):
-  """Bytes each device sends, by collective kind, under the ring model."""
+def collective_ops(hlo_text, num_devices=D):
+  """``[(kind, shapes, bytes sent per device), ...]`` under the ring model."""
   frac = (num_devices - 1) / num_devices
-  out = {}
+  out = []
   for line in hlo_text.splitlines():
     m = _OP.search(line)
     if not m:
       continue
     type_text, kind, start = m.groups()
-    sizes = _bytes(type_text)
+    shapes = _shapes(type_text)
     if start and kind == "all-gather":
-      sizes = sizes[-1:]  # (operand, result)
-    size = sum(sizes)
+      shapes = shapes[-1:]  # (operand, result)
+    size = sum(int(np.prod(s)) * _DTYPE_BYTES[t] for t, s in shapes)
     if kind == "all-reduce":
       moved = 2 * frac * size
     elif kind == "reduce-scatter":
@@ -104,6 +103,14 @@ def ring_bytes(hlo_text, num_devices=D):
       moved = size
     else:
       moved = frac * size
+    out.append((kind, [s for _, s in shapes], moved))
+  return out
+
+
+def ring_bytes(hlo_text, num_devices=D):
+  """Bytes each device sends, by collective kind, under the ring model."""
+  out = {}
+  for kind, _, moved in collective_ops(hlo_text, num_devices):
     out[kind] = out.get(kind, 0.0) + moved
   return out
 

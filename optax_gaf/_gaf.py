@@ -81,6 +81,7 @@ class _Config:
   num_microbatches: int | None
   axis_name: Any
   collective: str
+  sharded_params: bool
   per_leaf: bool
   adaptive_tau: _threshold.AdaptiveTau | None
 
@@ -108,12 +109,12 @@ def _resolve_rule(rule: Any, temperature: float | None) -> rules.Rule:
 
 
 def _configure(
-    tau, rule, num_microbatches, axis_name, collective, granularity,
-    temperature, adaptive_tau,
+    tau, rule, num_microbatches, axis_name, collective, sharded_params,
+    granularity, temperature, adaptive_tau,
 ) -> _Config:  # fmt: skip
   _threshold.check_tau(tau)
   _threshold.check_adaptive_tau(adaptive_tau)
-  _placement.check_placement(axis_name, collective)
+  _placement.check_placement(axis_name, collective, sharded_params)
   granularity = _checks.choice(
     granularity, "granularity", ("global", "per_leaf")
   )
@@ -127,6 +128,7 @@ def _configure(
     num_microbatches=num_microbatches,
     axis_name=axis_name,
     collective=collective,
+    sharded_params=sharded_params,
     per_leaf=granularity == "per_leaf",
     adaptive_tau=adaptive_tau,
   )
@@ -178,7 +180,8 @@ def _validate(config: _Config, grads, state: GAFState, params):
       "gaf() got FilteredGradients, which streaming_grads or gaf_accumulator"
       " filtered already; record them with optax_gaf.streamed() instead."
     )
-  _checks.microgradients(grads, params)
+  # Sharded params are shaped like this device's shard: the placement checks.
+  _checks.microgradients(grads, None if config.sharded_params else params)
   leaves, treedef = jax.tree.flatten(grads)
   if config.per_leaf and state.leaf_acceptance_rate.shape[0] != len(leaves):
     raise ValueError(
@@ -286,8 +289,9 @@ def _init(config: _Config, params) -> GAFState:
 def _update(config: _Config, grads, state, params=None, **extra_args):
   del extra_args  # e.g. value= for reduce_on_plateau, later in the chain
   leaves, treedef = _validate(config, grads, state, params)
+  params = _placement.param_leaves(treedef, params, config.sharded_params)
   placement = _placement.resolve_placement(
-    leaves, config.axis_name, config.collective
+    leaves, config.axis_name, config.collective, params
   )
   tau = _threshold_of(config, state)
   updates, out, diversity = _route(config, placement, leaves, tau)
@@ -301,6 +305,7 @@ def gaf(
   num_microbatches: int | None = None,
   axis_name: _placement.AxisName | None = None,
   collective: str = "all_to_all",
+  sharded_params: bool = False,
   granularity: str = "global",
   temperature: float | None = None,
   adaptive_tau: _threshold.AdaptiveTau | None = None,
@@ -310,11 +315,7 @@ def gaf(
   Given microgradients ``g_1 .. g_N`` (every leaf ``[N, *param_shape]``), GAF
   computes their Gram matrix ``G[i, j] = <g_i, g_j>`` in float32, lets ``rule``
   decide from it which ones agree (cosine distances over the whole pytree),
-  and returns their weighted sum in the gradients' dtype. The rules
-  (:mod:`optax_gaf.rules`): ``"sequential"``, the paper's Algorithm 1 (each
-  ``g_i`` against the running mean of those accepted before it);
-  ``"pairwise"``, the authors' package ``step_GAF``; ``"medoid"``, an
-  order-invariant anchor; ``"soft"``, sigmoid weights; or your own function.
+  and returns their weighted sum in the gradients' dtype.
 
   Non-finite or zero microgradients are excluded, as if absent. When nothing
   agrees (or fewer than two are usable), the update is zeros and
@@ -325,8 +326,8 @@ def gaf(
   Args:
     tau: cosine distance threshold in ``[0, 2]``, or a schedule of the step
       count. ``tau=2`` accepts everything (the plain mean).
-    rule: a name above, or a function with the :class:`~optax_gaf.rules.Rule`
-      signature ``(gram, usable, tau) -> RuleOutput``.
+    rule: ``"sequential"`` (the paper's), ``"pairwise"``, ``"medoid"``,
+      ``"soft"`` (:mod:`optax_gaf.rules`) or a :class:`~optax_gaf.rules.Rule`.
     num_microbatches: N. When given, the state records ``accepted`` and
       ``cosine_distance`` of shape ``[N]`` and ``update`` checks N; when None
       those fields are None and the state works for any N. With
@@ -335,10 +336,13 @@ def gaf(
       over Explicit mesh axes). Inside ``jax.shard_map``/``jax.pmap``, or
       under ``jax.jit`` with ``jax.set_mesh``, the mesh axis name (or tuple of
       names) the microgradients are spread over: GAF then decides over all N
-      in device-major order, with updates and state bitwise identical on
-      every device.
+      in device-major order; state and replicated updates are bitwise
+      identical on every device; under ``jax.jit`` updates are sharded like
+      the params.
     collective: with ``axis_name``, ``"all_to_all"`` (about the bytes of one
       ``pmean``) or ``"all_gather"`` (gathers every microgradient).
+    sharded_params: True when each device passes ``update`` its shard of the
+      params (FSDP in ``shard_map``): it gets its shard of the update.
     granularity: ``"global"`` (one decision over the whole pytree) or
       ``"per_leaf"`` (each parameter tensor filtered on its own).
     temperature: the ``"soft"`` rule's temperature (default 0.05); > 0.
@@ -367,8 +371,8 @@ def gaf(
     <https://arxiv.org/abs/2412.18052>`_, 2024.
   """
   config = _configure(
-      tau, rule, num_microbatches, axis_name, collective, granularity,
-      temperature, adaptive_tau,
+      tau, rule, num_microbatches, axis_name, collective, sharded_params,
+      granularity, temperature, adaptive_tau,
   )  # fmt: skip
   return aggregating.Aggregator(
     functools.partial(_init, config), functools.partial(_update, config)

@@ -17,13 +17,19 @@ runs unchanged everywhere:
   5. the weighted sum of the chunks;
   6. ``all_gather`` of the combined chunks.
 
-  ``gram`` and ``combine`` start from the same ``all_to_all`` of the same
-  leaves; XLA's common-subexpression elimination merges the two.
+  With FSDP-sharded params (each device holds 1/D of a leaf along one axis),
+  step 1 keeps the leaf's shape, step 2 splits that axis, and step 5 already
+  gives this device's shard of the update: no step 6, the bytes of a
+  reduce-scatter.
 * :class:`AllGatherPlacement`: gathers every microgradient onto every device,
   ``(D - 1) x`` the local gradient bytes: the simple reference.
 * :class:`MeshPlacement` (plain ``jax.jit`` over global ``[N, ...]`` leaves
   sharded over a mesh): sharding constraints that make XLA take the
-  all-to-all plan instead of gathering all ``N x P`` onto every device.
+  all-to-all plan, with the updates sharded like the params.
+
+:func:`resolve_placement` moves the leaves once; ``gram``, the rare rescaled
+``gram`` and ``combine`` all start from those moved leaves, so each leaf
+crosses the network once per update.
 """
 
 import math
@@ -74,7 +80,11 @@ class Placement(Protocol):
   def combine(
     self, leaves: Sequence[jax.Array], weights: jax.Array, usable: jax.Array
   ) -> list[jax.Array]:
-    """The replicated per-leaf ``sum_i w_i g_i``, weights ``[N]``/``[L, N]``."""
+    """Per leaf ``sum_i w_i g_i``, weights ``[N]``/``[L, N]``.
+
+    Laid out like the params given to :func:`resolve_placement`: replicated
+    without them, or where they are; sharded where they are.
+    """
 
 
 class LocalPlacement(NamedTuple):
@@ -95,6 +105,10 @@ class LocalPlacement(NamedTuple):
 
 def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
   return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _at(per_leaf: Sequence[Any], i: int, default: Any = None) -> Any:
+  return per_leaf[i] if i < len(per_leaf) else default
 
 
 def _is_bound(axis_name: AxisName) -> bool:
@@ -143,34 +157,81 @@ def _gathered_max_abs(leaves, axis_name: AxisName) -> jax.Array:
   return lax.all_gather(local, axis_name, axis=1, tiled=True, to="invarying")
 
 
+class _Moved(NamedTuple):
+  """The leaves :func:`resolve_placement` got, and the same leaves moved.
+
+  XLA's common-subexpression elimination merged the moves that ``gram`` and
+  ``combine`` each started from under ``shard_map``, but not always under
+  plain ``jit`` (``[N, 300, 7]`` was moved twice), and never into the
+  rescaled ``gram``'s ``lax.cond`` branch; reusing one move fixes all three.
+  """
+
+  leaves: tuple = ()
+  moved: tuple = ()
+
+  def get(self, leaves, move):
+    """``leaves`` moved: held ones reused, the others by ``move(idx, xs)``."""
+    out = [
+      self.moved[i] if _at(self.leaves, i) is x else None
+      for i, x in enumerate(leaves)
+    ]
+    todo = [i for i, m in enumerate(out) if m is None]
+    if todo:
+      for i, m in zip(todo, move(todo, [leaves[i] for i in todo])):
+        out[i] = m
+    return out
+
+
 class AllToAllPlacement(NamedTuple):
   """Each device works on chunk ``axis_index`` of all N microgradients.
 
   Attributes:
     axis_name: the mesh axis name (or tuple of names) the microgradients are
       spread over, as in ``jax.lax.psum``.
+    layouts: per leaf, None (flat chunks; ``combine`` gathers the whole
+      update) or the parameter axis this device holds 1/D of (FSDP:
+      ``combine`` returns this device's shard). Missing entries are None.
+    held: the leaves moved once by :func:`resolve_placement`.
   """
 
   axis_name: AxisName
+  layouts: tuple[int | None, ...] = ()
+  held: _Moved = _Moved()
 
   def num_microgradients(self, n_local: int) -> int:
     return lax.axis_size(self.axis_name) * n_local
 
-  def _chunks(self, leaves):
+  def _move(self, indices, leaves):
     d = lax.axis_size(self.axis_name)
-    return [_chunk(x, self.axis_name, d) for x in leaves]
+    out = []
+    for i, x in zip(indices, leaves):
+      k = _at(self.layouts, i)
+      if k is None:
+        out.append(_chunk(x, self.axis_name, d))
+      else:  # split the sharded axis: chunk d is device d's shard
+        out.append(lax.all_to_all(x, self.axis_name, 1 + k, 0, tiled=True))
+    return out
+
+  def hold(self, leaves) -> "AllToAllPlacement":
+    """This placement with ``leaves`` moved once, for every later stage."""
+    moved = self._move(range(len(leaves)), leaves)
+    return self._replace(held=_Moved(tuple(leaves), tuple(moved)))
 
   def gram(self, leaves, per_leaf=False, factors=None):
-    partial = _gram.gram(self._chunks(leaves), per_leaf, factors)
-    return lax.psum(partial, self.axis_name)
+    moved = self.held.get(leaves, self._move)
+    return lax.psum(_gram.gram(moved, per_leaf, factors), self.axis_name)
 
   def max_abs(self, leaves):
     return _gathered_max_abs(leaves, self.axis_name)
 
   def combine(self, leaves, weights, usable):
-    parts = _gram.weighted_sum(self._chunks(leaves), weights, usable)
+    moved = self.held.get(leaves, self._move)
+    parts = _gram.weighted_sum(moved, weights, usable)
     out = []
-    for part, x in zip(parts, leaves):
+    for i, (part, x) in enumerate(zip(parts, leaves)):
+      if _at(self.layouts, i) is not None:
+        out.append(part)  # this device's shard, shaped like its params
+        continue
       full = lax.all_gather(part, self.axis_name, to="invarying", tiled=True)
       out.append(full[: x[0].size].reshape(x.shape[1:]))
     return out
@@ -207,18 +268,26 @@ class AllGatherPlacement(NamedTuple):
 class MeshPlacement(NamedTuple):
   """Plain ``jax.jit``: global ``[N, ...]`` leaves, sharding constraints.
 
-  The constraints move each leaf from "microbatch axis sharded" to "flattened
-  parameter axis sharded" (XLA emits an all-to-all), so the Gram matrix is a
-  partial product plus an N x N all-reduce, and the weighted sum is sharded
-  until one all-gather of the result.
+  The constraints move each leaf from "microbatch axis sharded" to
+  "parameter axis sharded" (XLA emits one all-to-all), so the Gram matrix is
+  a partial product plus an N x N all-reduce and the weighted sum comes out
+  sharded. A leaf whose param is sharded along axis k over ``axes`` (FSDP)
+  is split along k, and its update keeps that sharding; any other leaf is
+  flattened and padded, and its update is laid out like its param (one
+  all-gather when replicated).
 
   Attributes:
     mesh: the (abstract) mesh.
     axes: the mesh axes the microbatch axis is sharded over.
+    specs: per leaf, the params' ``PartitionSpec`` entries, which the update
+      takes; missing entries are replicated.
+    held: the leaves moved once by :func:`resolve_placement`.
   """
 
   mesh: Any
   axes: tuple[Hashable, ...]
+  specs: tuple[tuple[Any, ...], ...] = ()
+  held: _Moved = _Moved()
 
   def num_microgradients(self, n_local: int) -> int:
     return n_local  # the leaves are already global
@@ -247,16 +316,69 @@ class MeshPlacement(NamedTuple):
 
     return in_mesh
 
-  def _chunks(self, leaves):
+  def _spec(self, i, x):
+    """The update's spec: the param's, one entry per parameter axis."""
+    spec = tuple(_at(self.specs, i, ()))
+    return spec + (None,) * (x.ndim - 1 - len(spec))
+
+  def _layout(self, i, x):
+    """The parameter axis sharded over ``axes``, or None (flat chunks)."""
     d = math.prod(self.mesh.shape[a] for a in self.axes)
-    return [self._constrain(_pad_flat(x, d), None, self.axes) for x in leaves]
+    for k, entry in enumerate(self._spec(i, x)):
+      if entry is not None and _names(entry) == self.axes:
+        return k if x.shape[1 + k] % d == 0 else None
+    return None
+
+  def _chunk_spec(self, i, x):
+    if self._layout(i, x) is None:
+      return (None, self.axes)
+    return (None, *self._spec(i, x))
+
+  def _move(self, indices, leaves):
+    d = math.prod(self.mesh.shape[a] for a in self.axes)
+
+    def fn(leaves):
+      return [
+        self._constrain(
+          x if self._layout(i, x) is not None else _pad_flat(x, d),
+          *self._chunk_spec(i, x),
+        )
+        for i, x in zip(indices, leaves)
+      ]
+
+    specs = [P(*self._chunk_spec(i, x)) for i, x in zip(indices, leaves)]
+    return self._auto(fn, specs)(list(leaves))
+
+  def hold(self, leaves) -> "MeshPlacement":
+    """This placement with ``leaves`` moved once, for every later stage."""
+    moved = self._move(range(len(leaves)), leaves)
+    return self._replace(held=_Moved(tuple(leaves), tuple(moved)))
 
   def gram(self, leaves, per_leaf=False, factors=None):
-    def fn(leaves, factors):
-      g = _gram.gram(self._chunks(leaves), per_leaf, factors)
-      return self._constrain(g)
+    # shard_map over the axes: one psum of the summed partial Gram matrices
+    # (constraints alone all-reduce one [N, N] per leaf).
+    layouts = [self._layout(i, x) for i, x in enumerate(leaves)]
+    manual = lambda e: e if e is not None and _names(e) == self.axes else None
+    in_specs = [
+      P(*(manual(e) for e in self._chunk_spec(i, x)))
+      for i, x in enumerate(leaves)
+    ]
 
-    return self._auto(fn, P())(leaves, factors)
+    def fn(moved, factors):
+      # Bring the sharded axis first, so flattening keeps the blocks whole.
+      moved = [m if not k else jnp.moveaxis(m, 1 + k, 1)
+               for m, k in zip(moved, layouts)]  # fmt: skip
+      return lax.psum(_gram.gram(moved, per_leaf, factors), self.axes)
+
+    context = jax.sharding.get_abstract_mesh()
+    fn = jax.shard_map(
+      fn,
+      mesh=self.mesh if context.empty else context,
+      in_specs=(in_specs, P()),
+      out_specs=P(),
+      axis_names=set(self.axes),
+    )
+    return fn(self.held.get(leaves, self._move), factors)
 
   def max_abs(self, leaves):
     def fn(leaves):
@@ -265,15 +387,24 @@ class MeshPlacement(NamedTuple):
     return self._auto(fn, P())(leaves)
 
   def combine(self, leaves, weights, usable):
-    def fn(leaves, weights, usable):
-      parts = _gram.weighted_sum(self._chunks(leaves), weights, usable)
-      # Sharded until here; then one all-gather per leaf.
-      parts = [self._constrain(self._constrain(p, self.axes)) for p in parts]
-      return [
-        p[: x[0].size].reshape(x.shape[1:]) for p, x in zip(parts, leaves)
-      ]
+    shapes = [x.shape for x in leaves]
+    layouts = [self._layout(i, x) for i, x in enumerate(leaves)]
+    specs = [self._spec(i, x) for i, x in enumerate(leaves)]
 
-    return self._auto(fn, [P()] * len(leaves))(leaves, weights, usable)
+    def fn(moved, weights, usable):
+      parts = _gram.weighted_sum(moved, weights, usable)
+      out = []
+      for p, shape, k, spec in zip(parts, shapes, layouts, specs):
+        if k is None:  # sharded flat chunks; replicated: one all-gather
+          p = self._constrain(p, self.axes)
+          p = p if any(spec) else self._constrain(p)
+          p = p[: math.prod(shape[1:])].reshape(shape[1:])
+        out.append(self._constrain(p, *spec))
+      return out
+
+    moved = self.held.get(leaves, self._move)
+    out_sharding = [P(*spec) for spec in specs]
+    return self._auto(fn, out_sharding)(moved, weights, usable)
 
 
 def _explicit_batch_sharding(leaves: Sequence[jax.Array]):
@@ -299,22 +430,111 @@ def _explicit_batch_sharding(leaves: Sequence[jax.Array]):
   return found.pop() if found else None
 
 
-def check_placement(axis_name: Any, collective: str) -> None:
+def _param_specs(params) -> tuple[tuple[Any, ...], ...]:
+  """Per param leaf, the ``PartitionSpec`` entries its type carries.
+
+  Under ``jax.jit`` only Explicit mesh axes are in the types; params sharded
+  over Auto axes read as replicated.
+  """
+  if params is None:
+    return ()
+  specs = []
+  for p in params:
+    try:
+      sharding = getattr(jax.typeof(p), "sharding", None)
+    except TypeError:
+      sharding = None
+    spec = getattr(sharding, "spec", None)
+    specs.append(tuple(spec) if spec is not None else ())
+  return tuple(specs)
+
+
+def _local_layouts(leaves, params, axis_name) -> tuple[int | None, ...]:
+  """Inside shard_map: per leaf, the axis this device holds 1/D of, or None.
+
+  Raises:
+    ValueError: unless every local param is shaped like its leaf's trailing
+      shape, or D times smaller along one axis.
+  """
+  if params is None:
+    return ()
+  d = lax.axis_size(axis_name)
+  layouts = []
+  for i, (x, p) in enumerate(zip(leaves, params, strict=True)):
+    grad, local = tuple(x.shape[1:]), tuple(jnp.shape(p))
+    diff = [k for k, (g, w) in enumerate(zip(grad, local)) if g != w]
+    if len(grad) == len(local) and not diff:
+      layouts.append(None)
+    elif (
+      len(grad) == len(local)
+      and len(diff) == 1
+      and (grad[diff[0]] == d * local[diff[0]])
+    ):
+      layouts.append(diff[0])
+    else:
+      raise ValueError(
+        f"Microgradient leaf {i} is {tuple(x.shape)} but this device's"
+        f" param is {local}: each leaf must be [n_local, *param.shape] with"
+        f" the param whole, or sharded over {axis_name!r} ({d} times smaller"
+        " along one axis)."
+      )
+  return tuple(layouts)
+
+
+def param_leaves(treedef, params: Any, sharded: bool = False):
+  """The params' leaves for :func:`resolve_placement`, or None.
+
+  Args:
+    treedef: the microgradients' tree structure.
+    params: the params passed to ``update``, or None.
+    sharded: whether they may be this device's shards (``sharded_params``);
+      then they are required, and their tree is checked here.
+
+  Raises:
+    ValueError: if ``sharded`` and the params are missing or another tree.
+  """
+  if params is None:
+    if sharded:
+      raise ValueError(
+        "gaf(sharded_params=True) lays each device's update out like its"
+        " shard of the params: pass them, update(grads, state, params)."
+      )
+    return None
+  if sharded and jax.tree.structure(params) != treedef:
+    raise ValueError(
+      "The microgradients and params have different tree structures:"
+      f" {treedef} vs {jax.tree.structure(params)}."
+    )
+  return jax.tree.leaves(params)
+
+
+def check_placement(
+  axis_name: Any, collective: str, sharded_params: bool = False
+) -> None:
   """Checks the placement arguments of a factory (``gaf``, ``and_mask``...)."""
   _checks.choice(collective, "collective", COLLECTIVES)
   _checks.axis_name(axis_name)
+  if not isinstance(sharded_params, bool):
+    raise TypeError(f"sharded_params must be a bool; got {sharded_params!r}.")
+  if sharded_params and (axis_name is None or collective != "all_to_all"):
+    raise ValueError(
+      "sharded_params=True needs axis_name (the mesh axis the params and the"
+      " microgradients are sharded over) and collective='all_to_all'."
+    )
 
 
 def resolve_placement(
   leaves: Sequence[jax.Array],
   axis_name: AxisName | None = None,
   collective: str = "all_to_all",
+  params: Sequence[Any] | None = None,
 ) -> Placement:
   """Returns where stages 1 and 3 run for these leaves, in this trace.
 
   * ``axis_name`` bound by ``jax.shard_map``/``jax.pmap``: the collectives
-    (``"all_to_all"``: about one all-reduce of traffic; ``"all_gather"``: the
-    simple reference, ``D - 1`` times the local gradients);
+    (``"all_to_all"``: about one all-reduce of traffic, one reduce-scatter
+    for FSDP-sharded params; ``"all_gather"``: the simple reference, ``D -
+    1`` times the local gradients);
   * ``axis_name`` an axis of the ``jax.set_mesh`` mesh (plain ``jax.jit``):
     :class:`MeshPlacement` (``"all_gather"`` leaves the plan to XLA);
   * ``axis_name`` None: :class:`MeshPlacement` when the leaves' leading axis
@@ -325,13 +545,18 @@ def resolve_placement(
     axis_name: None, or the mesh axis name (or tuple of names) the
       microgradients are spread over.
     collective: ``"all_to_all"`` or ``"all_gather"``.
+    params: None, or the params' leaves (as held here), which ``combine``
+      lays its results out like: under ``jax.jit`` their shardings (Explicit
+      mesh axes); inside ``jax.shard_map``/``jax.pmap`` with
+      ``"all_to_all"``, where a local param is D times smaller than the
+      microgradients along one axis, this device's shard.
 
   Returns:
-    A :class:`Placement`.
+    A :class:`Placement`, with ``leaves`` already moved where it moves them.
 
   Raises:
     ValueError: if ``axis_name`` is neither bound nor an axis of the context
-      mesh, with what to do.
+      mesh, with what to do; if ``params`` do not fit the leaves.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax_gaf
@@ -346,17 +571,21 @@ def resolve_placement(
   check_placement(axis_name, collective)
   if axis_name is None:
     found = _explicit_batch_sharding(leaves)
-    return LocalPlacement() if found is None else MeshPlacement(*found)
+    if found is None:
+      return LocalPlacement()
+    return MeshPlacement(*found, _param_specs(params)).hold(leaves)
   if _is_bound(axis_name):
-    if collective == "all_to_all":
-      return AllToAllPlacement(axis_name)
-    return AllGatherPlacement(axis_name)
+    if collective == "all_gather":
+      return AllGatherPlacement(axis_name)
+    layouts = _local_layouts(leaves, params, axis_name)
+    return AllToAllPlacement(axis_name, layouts).hold(leaves)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not all(a in mesh.axis_names for a in _names(axis_name)):
     raise _unbound_error(axis_name)
   if collective == "all_gather":
     return LocalPlacement()
-  return MeshPlacement(mesh, _names(axis_name))
+  specs = _param_specs(params)
+  return MeshPlacement(mesh, _names(axis_name), specs).hold(leaves)
 
 
 def statistics(
