@@ -4,8 +4,6 @@ They work on the flattened microgradients directly (no Gram matrix), so they
 check the library's Gram -> rule -> combine route from the outside.
 """
 
-import zlib
-
 import numpy as np
 
 
@@ -85,34 +83,6 @@ def pairwise(flat, tau):
   if agreed == 0:
     return None, accepted, dist
   return current, accepted, dist
-
-
-def make_microgradients(rng, n, shapes, agreement, flip_prob=0.3):
-  """Microgradients around a shared signal; some point the other way.
-
-  Args:
-    rng: a NumPy Generator.
-    n: the number of microgradients.
-    shapes: parameter shapes (one leaf each).
-    agreement: in [0, 1]; the weight of the shared signal against noise.
-    flip_prob: chance that a microgradient's signal is negated (a conflicting
-      one, like a microbatch with noisy labels).
-
-  Returns:
-    A list of float32 arrays ``[n, *shape]``.
-  """
-  leaves = []
-  signs = np.where(rng.random(n) < flip_prob, -1.0, 1.0)
-  for shape in shapes:
-    signal = rng.normal(size=shape)
-    noise = rng.normal(size=(n,) + tuple(shape))
-    scale = rng.uniform(0.5, 2.0, size=(n,) + (1,) * len(shape))
-    x = scale * (
-      agreement * signs.reshape((n,) + (1,) * len(shape)) * signal
-      + (1 - agreement) * noise
-    )
-    leaves.append(x.astype(np.float32))
-  return leaves
 
 
 def is_ambiguous(dist, tau, margin=1e-4):
@@ -272,13 +242,24 @@ def adacons(flat, sorted_momentum=None, momentum=0.0, rescale=True):
   return update, alpha, m
 
 
-def seed_of(*args):
-  """A seed from test parameters, stable across runs (``hash`` of a str is
-  salted per process)."""
-  return zlib.crc32(repr(args).encode())
-
-
 def gradient_diversity(flat):
   """sum_i ||g_i||^2 / ||sum_i g_i||^2 over the usable microgradients."""
   g = flat[usable(flat)]
   return float(np.sum(g * g) / np.sum(g.sum(axis=0) ** 2))
+
+
+def near_mean(flat, tau):
+  """The custom rule of ``optax_gaf/rules.py``'s docstring: every usable
+  microgradient within ``tau`` of the usable ones' mean; ready with >= 2.
+
+  Returns (update or None, accepted [N], distances [N], NaN where unusable).
+  """
+  ok = usable(flat)
+  mean = flat[ok].mean(axis=0) if ok.any() else np.zeros(flat.shape[1])
+  dist = np.full(flat.shape[0], np.nan)
+  for i in np.flatnonzero(ok):
+    dist[i] = cos_dist(flat[i], mean)
+  accepted = ok & (np.nan_to_num(dist, nan=np.inf) <= tau)
+  if accepted.sum() < 2:
+    return None, accepted, dist
+  return flat[accepted].mean(axis=0), accepted, dist

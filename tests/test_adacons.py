@@ -10,6 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import optax_gaf
+from tests import helpers
 from tests import oracle
 
 SHAPES = [(3, 4), (5,)]
@@ -23,10 +24,10 @@ def test_matches_float64_oracle_over_steps(n, momentum, rescale):
   params = {"a": jnp.zeros(SHAPES[0]), "b": jnp.zeros(SHAPES[1])}
   state = tx.init(params)
   update = jax.jit(tx.update)
-  rng = np.random.default_rng(oracle.seed_of(n, momentum, rescale))
+  rng = np.random.default_rng(helpers.seed_of(n, momentum, rescale))
   m = None
   for _ in range(3):
-    leaves = oracle.make_microgradients(rng, n, SHAPES, 0.6, flip_prob=0.2)
+    leaves = helpers.make_microgradients(rng, n, SHAPES, 0.6, flip_prob=0.2)
     want, alpha, m = oracle.adacons(
       oracle.flatten(leaves), m if momentum else None, momentum, rescale
     )
@@ -101,11 +102,12 @@ def test_unusable_are_excluded_and_no_consensus_is_skipped():
 def test_without_num_microbatches_state_is_n_independent():
   tx = optax_gaf.adacons()
   state = tx.init(jnp.zeros(2))
-  assert state.coefficients.shape == (0,)
+  assert state.coefficients is None and state.sorted_momentum is None
   update = jax.jit(tx.update)
   for n in (2, 4):
-    updates, _ = update(jnp.ones((n, 2)), state)
+    updates, new = update(jnp.ones((n, 2)), state)
     np.testing.assert_allclose(updates, [1.0, 1.0], rtol=1e-6)
+    assert new.coefficients is None and bool(new.ready)
 
 
 @pytest.mark.parametrize(
@@ -115,6 +117,7 @@ def test_without_num_microbatches_state_is_n_independent():
     (dict(momentum=1.0, num_microbatches=2), "momentum"),
     (dict(momentum=-0.1, num_microbatches=2), "momentum"),
     (dict(num_microbatches=0), "num_microbatches"),
+    (dict(num_microbatches=1), "num_microbatches must be >= 2"),
   ],
 )
 def test_bad_arguments(kwargs, match):

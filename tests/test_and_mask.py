@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from optax.experimental import aggregating
 
 import optax_gaf
+from tests import helpers
 from tests import oracle
-
-SHAPES = [(3, 4), (5,), (2, 2, 2)]
+from tests.helpers import SHAPES
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
@@ -29,8 +29,8 @@ def _run(grads, threshold, scale=False):
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.6, 1.0])
 @pytest.mark.parametrize("scale", [False, True])
 def test_matches_float64_oracle(n, threshold, scale):
-  rng = np.random.default_rng(oracle.seed_of(n, threshold, scale))
-  leaves = oracle.make_microgradients(rng, n, SHAPES, 0.5)
+  rng = np.random.default_rng(helpers.seed_of(n, threshold, scale))
+  leaves = helpers.make_microgradients(rng, n, SHAPES, 0.5)
   grads = dict(zip("abc", leaves))
   updates, state = _run(grads, threshold, scale)
   want = oracle.and_mask(leaves, threshold, scale)
@@ -123,9 +123,3 @@ def test_threshold_out_of_range(threshold):
     optax_gaf.and_mask(threshold)
   with pytest.raises(ValueError, match="agreement_threshold"):
     optax_gaf.and_mask(lambda count: threshold)
-
-
-def test_scalar_leaf_is_rejected():
-  tx = optax_gaf.and_mask(0.5)
-  with pytest.raises(ValueError, match="leading microbatch axis"):
-    tx.update(jnp.float32(1.0), tx.init(jnp.float32(0.0)))

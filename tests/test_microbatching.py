@@ -33,11 +33,11 @@ def test_matches_a_loop_over_microbatches(n):
   losses, grads = jax.jit(optax_gaf.microbatch_grads(_loss, n))(params, batch)
   size = 12 // n
   for i in range(n):
-    micro = jax.tree.map(lambda x: x[i * size : (i + 1) * size], batch)
+    micro = jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch)
     want_loss, want_grads = jax.value_and_grad(_loss)(params, micro)
     np.testing.assert_allclose(losses[i], want_loss, rtol=1e-5)
     chex.assert_trees_all_close(
-      jax.tree.map(lambda g: g[i], grads), want_grads, rtol=1e-5
+      jax.tree.map(lambda g, i=i: g[i], grads), want_grads, rtol=1e-5
     )
   # The mean of equal-size microbatch gradients is the full-batch gradient.
   chex.assert_trees_all_close(
@@ -85,7 +85,26 @@ def test_batch_leaves_disagree():
     optax_gaf.microbatch_grads(_loss, 4)(params, batch)
 
 
-@pytest.mark.parametrize("n", [0, -2, 2.5])
-def test_bad_num_microbatches(n):
-  with pytest.raises(ValueError, match="positive int"):
+@pytest.mark.parametrize("n", [0, -2])
+def test_num_microbatches_below_one(n):
+  with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
     optax_gaf.split_microbatches(jnp.ones((4, 2)), n)
+
+
+@pytest.mark.parametrize("n", [2.5, 2.0, "2", True])
+def test_num_microbatches_that_is_no_int(n):
+  with pytest.raises(TypeError, match="num_microbatches must be an int"):
+    optax_gaf.split_microbatches(jnp.ones((4, 2)), n)
+  with pytest.raises(TypeError, match="num_microbatches must be an int"):
+    optax_gaf.microbatch_grads(lambda p, b: jnp.sum(b), n)(
+      jnp.zeros(()), jnp.ones((4, 2))
+    )
+
+
+def test_numpy_int_and_scalar_leaf():
+  out = optax_gaf.split_microbatches({"x": jnp.ones((4, 2))}, np.int64(2))
+  assert out["x"].shape == (2, 2, 2)
+  with pytest.raises(ValueError, match=r"\['s'\] is a scalar"):
+    optax_gaf.split_microbatches({"x": jnp.ones(4), "s": jnp.ones(())}, 2)
+  with pytest.raises(ValueError, match="no leaves"):
+    optax_gaf.split_microbatches({}, 2)

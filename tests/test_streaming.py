@@ -1,4 +1,5 @@
-"""Streaming GAF (one microgradient at a time) equals the vmap path."""
+"""Streaming GAF (one microgradient at a time) and ``streamed()``: the same
+decisions, update and GAFState as ``gaf`` on stacked microgradients."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from optax.experimental import aggregating
 
 import optax_gaf
+from tests import helpers
 
 N = 6
 
@@ -30,15 +32,14 @@ def problem(seed, size=N * 2):
 
 
 def make_run(streaming, rule, tau, steps=3):
-  tx = aggregating.process(
-    optax.identity(),
-    optax_gaf.gaf(tau, rule=rule, num_microbatches=N),
-    optax.sgd(0.1, momentum=0.9),
-  )
+  """Three steps of aggregating.process(gaf or streamed, sgd with momentum)."""
   if streaming:
+    agg = optax_gaf.streamed(num_microbatches=N)
     grad_fn = optax_gaf.streaming_grads(loss_fn, N, tau, rule=rule)
   else:
+    agg = optax_gaf.gaf(tau, rule=rule, num_microbatches=N)
     grad_fn = optax_gaf.microbatch_grads(loss_fn, N)
+  tx = aggregating.process(optax.identity(), agg, optax.sgd(0.1, momentum=0.9))
 
   @jax.jit
   def run(params, batch):
@@ -67,14 +68,10 @@ def test_streaming_equals_vmap(rule):
       dist = np.asarray(st_v["cosine_distance"])
       assert np.min(np.abs(dist - tau)) > 1e-4  # no near-ties in these cases
       np.testing.assert_allclose(loss_s, loss_v, rtol=1e-5)
-      for key in (
-        "accepted",
-        "ready",
-        "num_accepted",
-        "skipped_steps",
-        "count",
-      ):
+      assert set(st_s) == set(st_v)
+      for key in ("accepted", "ready", "num_accepted", "skipped_steps"):
         np.testing.assert_array_equal(st_s[key], st_v[key], err_msg=key)
+      np.testing.assert_array_equal(st_s["count"], st_v["count"])
       for key in (
         "cosine_distance",
         "acceptance_rate",
@@ -87,12 +84,28 @@ def test_streaming_equals_vmap(rule):
         )
       seen_reject |= not np.all(st_v["accepted"])
       seen_accept |= int(st_v["num_accepted"]) > 1
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      p_s,
-      p_v,
-    )
+    helpers.assert_close(p_s, p_v, rtol=1e-5, atol=1e-6)
   assert seen_reject and seen_accept  # the cases exercise both branches
+
+
+def test_streamed_records_the_same_state_as_gaf():
+  """On the same microgradients (vmap vs streaming), one step from init."""
+  params, batch = problem(2)
+  tau = 0.9
+  _, grads = jax.jit(optax_gaf.microbatch_grads(loss_fn, N))(params, batch)
+  _, filtered = jax.jit(optax_gaf.streaming_grads(loss_fn, N, tau))(
+    params, batch
+  )
+  for n in (None, N):
+    tx, stx = optax_gaf.gaf(tau, num_microbatches=n), optax_gaf.streamed(n)
+    want_updates, want = jax.jit(tx.update)(grads, tx.init(params))
+    updates, got = jax.jit(stx.update)(filtered, stx.init(params))
+    assert 1 < int(want.num_accepted) < N  # some accepted, some rejected
+    helpers.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    helpers.assert_close(updates, want_updates, rtol=1e-5, atol=1e-6)
+  # The state of init differs from gaf's only in its tau (unknown until the
+  # first step).
+  assert np.isnan(optax_gaf.streamed().init(params).tau)
 
 
 def test_accumulator_in_optax_microbatch_equals_gaf():
@@ -114,11 +127,7 @@ def test_accumulator_in_optax_microbatch_equals_gaf():
   updates, state = jax.jit(tx.update)(grads, tx.init(params))
   np.testing.assert_array_equal(out.accepted, state.accepted)
   assert 1 < int(state.num_accepted) < N
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-    out.updates,
-    updates,
-  )
+  helpers.assert_close(out.updates, updates, rtol=1e-5, atol=1e-6)
   # micro_vmap's `aggregate` route filters stacked microgradients alike.
   np.testing.assert_array_equal(
     jax.jit(acc.aggregate)(grads).accepted, state.accepted
@@ -138,11 +147,7 @@ def test_non_finite_microgradient_excluded_like_vmap():
   _, grads = optax_gaf.microbatch_grads(loss_fn, N)(params, batch)
   updates, state = jax.jit(tx.update)(grads, tx.init(params))
   np.testing.assert_array_equal(filtered.accepted, state.accepted)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
-    filtered.updates,
-    updates,
-  )
+  helpers.assert_close(filtered.updates, updates, rtol=1e-5, atol=0)
 
 
 def test_no_agreement_skips_the_optimizer():
@@ -154,7 +159,7 @@ def test_no_agreement_skips_the_optimizer():
   batch = {"x": jnp.concatenate([jnp.eye(3), -jnp.eye(3)])}  # all disagree
   tx = aggregating.process(
     optax.identity(),
-    optax_gaf.gaf(0.5, num_microbatches=N),
+    optax_gaf.streamed(num_microbatches=N),
     optax.sgd(0.1, momentum=0.9),
   )
   params = jnp.ones(3)
@@ -169,6 +174,13 @@ def test_no_agreement_skips_the_optimizer():
     optax.tree.get(new_state, "trace"), momentum + 1.0
   )
   assert int(optax_gaf.stats(new_state)["skipped_steps"]) == 1
+  # An agreeing step moves the momentum.
+  _, agreeing = optax_gaf.streaming_grads(lin, N, 0.5)(
+    params, {"x": jnp.ones((N, 3))}
+  )
+  _, newer = tx.update(agreeing, new_state, params)
+  assert bool(optax_gaf.stats(newer)["ready"])
+  assert not np.allclose(optax.tree.get(newer, "trace"), momentum + 1.0)
 
 
 def test_streaming_memory_does_not_grow_with_n():
@@ -190,21 +202,46 @@ def test_streaming_memory_does_not_grow_with_n():
   assert large <= small + 32 * 64  # at most a few [N] vectors more
 
 
-def test_bad_arguments():
-  with pytest.raises(ValueError, match="running-aggregate rules"):
-    optax_gaf.gaf_accumulator(0.5, rule="medoid", num_microbatches=4)
+# --- arguments
+
+
+def test_rules_that_need_the_gram_matrix_cannot_stream():
+  for rule in ("medoid", "soft", helpers.near_mean):
+    with pytest.raises(ValueError, match="running-aggregate rules"):
+      optax_gaf.gaf_accumulator(0.5, rule=rule, num_microbatches=4)
+    with pytest.raises(ValueError, match="running-aggregate rules"):
+      optax_gaf.streaming_grads(loss_fn, 4, 0.5, rule=rule)
   with pytest.raises(ValueError, match="num_microbatches must be"):
     optax_gaf.streaming_grads(loss_fn, 1, 0.5)
+
+
+def _filtered_shape():
   params, batch = problem(0)
-  _, filtered = jax.eval_shape(
+  return params, jax.eval_shape(
     optax_gaf.streaming_grads(loss_fn, N, 0.9), params, batch
-  )
-  tx = optax_gaf.gaf(0.9, num_microbatches=N + 1)
-  with pytest.raises(ValueError, match="FilteredGradients of 6"):
+  )[1]
+
+
+def test_streamed_refuses_another_n():
+  params, filtered = _filtered_shape()
+  tx = optax_gaf.streamed(num_microbatches=N + 1)
+  with pytest.raises(ValueError, match="num_microbatches=7.*6 microgradients"):
     tx.update(filtered, tx.init(params))
+
+
+def test_streamed_refuses_stacked_microgradients():
+  tx = optax_gaf.streamed()
+  with pytest.raises(TypeError, match=r"FilteredGradients.*use gaf\(\)"):
+    tx.update(jnp.ones((N, 3)), tx.init(None))
+
+
+def test_gaf_refuses_filtered_gradients_and_points_to_streamed():
+  params, filtered = _filtered_shape()
   for tx in (
+    optax_gaf.gaf(0.9),
+    optax_gaf.gaf(0.9, num_microbatches=N),
     optax_gaf.gaf(0.9, rule="medoid"),
     optax_gaf.gaf(0.9, adaptive_tau=optax_gaf.AdaptiveTau()),
   ):
-    with pytest.raises(ValueError, match="already filtered"):
+    with pytest.raises(TypeError, match=r"optax_gaf\.streamed\(\)"):
       tx.update(filtered, tx.init(params))

@@ -1,0 +1,106 @@
+"""Stages 1 and 3 on arrays (optax_gaf/_gram.py): the Gram matrix, sanitizing,
+the weighted sum and the gradient diversity, against float64 NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from optax_gaf import _gram
+from tests import helpers
+from tests import oracle
+from tests.helpers import SHAPES
+
+_gram_jit = jax.jit(_gram.gram, static_argnames="per_leaf")
+_weighted_sum = jax.jit(_gram.weighted_sum)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([2, 5]))
+def test_gram_matches_float64(seed, n):
+  leaves = helpers.make_microgradients(
+    np.random.default_rng(seed), n, SHAPES, 0.5
+  )
+  flat = oracle.flatten(leaves)
+  g = _gram_jit(leaves)
+  assert g.dtype == jnp.float32 and g.shape == (n, n)
+  np.testing.assert_allclose(g, flat @ flat.T, rtol=1e-5, atol=1e-5)
+  per_leaf = _gram_jit(leaves, per_leaf=True)
+  assert per_leaf.shape == (len(SHAPES), n, n)
+  for i, x in enumerate(leaves):
+    f = oracle.flatten([x])
+    np.testing.assert_allclose(per_leaf[i], f @ f.T, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_gram_is_float32_at_full_precision_for_bf16():
+  x = jnp.asarray([[1.0, 2.0, 3.0], [0.5, -1.0, 0.25]], jnp.bfloat16)
+  y = jnp.asarray([[3.0, 1.0, -2.0]], jnp.bfloat16)
+  c = _gram.cross_gram(x, y)
+  assert c.dtype == jnp.float32 and c.shape == (2, 1)
+  # bf16 x bf16 products are exact in float32.
+  np.testing.assert_array_equal(c, [[-1.0], [0.0]])
+  assert _gram.PRECISION == jax.lax.Precision.HIGHEST
+
+
+def test_sanitized_zeroes_unusable_rows_and_columns():
+  x = np.array(
+    [[1.0, 2.0], [0.0, 0.0], [np.nan, 1.0], [np.inf, 0.0], [3.0, -1.0]],
+    np.float32,
+  )
+  g, usable = _gram.sanitized(_gram.gram([jnp.asarray(x)]))
+  np.testing.assert_array_equal(usable, [True, False, False, False, True])
+  assert np.all(np.isfinite(g))
+  flat = np.where(usable[:, None], x.astype(np.float64), 0.0)
+  np.testing.assert_allclose(g, flat @ flat.T, rtol=1e-6)
+  # Per leaf: one mask per leaf.
+  stacked = _gram.gram([jnp.asarray(x), jnp.ones((5, 2))], per_leaf=True)
+  _, usable = _gram.sanitized(stacked)
+  assert usable.shape == (2, 5) and bool(usable[1].all())
+
+
+def test_weighted_sum_zeroes_unusable_before_the_sum():
+  x = np.array([[1.0, 2.0], [np.nan, 1.0], [3.0, -1.0]], np.float32)
+  w = jnp.array([0.5, 0.0, 0.25])
+  usable = jnp.array([True, False, True])
+  (out,) = _weighted_sum([jnp.asarray(x)], w, usable)
+  np.testing.assert_allclose(out, [1.25, 0.75], rtol=1e-7)
+  # All usable: the dense route.
+  (dense,) = _weighted_sum([jnp.asarray(x[[0, 2]])], w[:2], usable[:2])
+  np.testing.assert_allclose(dense, [0.5, 1.0], rtol=1e-7)
+
+
+def test_weighted_sum_per_leaf_weights_and_dtypes():
+  a = jnp.asarray([[1.0, 2.0], [3.0, 4.0]], jnp.bfloat16)
+  b = jnp.asarray([[1.0], [-1.0]], jnp.float32)
+  w = jnp.array([[0.5, 0.5], [1.0, 2.0]])
+  usable = jnp.ones((2, 2), bool)
+  out_a, out_b = _weighted_sum([a, b], w, usable)
+  assert out_a.dtype == jnp.bfloat16 and out_b.dtype == jnp.float32
+  np.testing.assert_array_equal(out_a.astype(jnp.float32), [2.0, 3.0])
+  np.testing.assert_array_equal(out_b, [-1.0])
+
+
+@pytest.mark.parametrize("n", [3, 6])
+def test_gradient_diversity_matches_oracle(n):
+  leaves = helpers.make_microgradients(np.random.default_rng(n), n, SHAPES, 0.5)
+  leaves[0][1] = np.nan  # excluded, as in the oracle
+  g, _ = _gram.sanitized(_gram.gram(leaves))
+  want = oracle.gradient_diversity(oracle.flatten(leaves))
+  assert float(_gram.gradient_diversity(g)) == pytest.approx(want, rel=1e-5)
+  # A stack of per-leaf matrices is summed first: the whole-pytree value.
+  clean = [np.nan_to_num(x) for x in leaves]
+  clean[0][1] = 0.0
+  stacked = _gram.gram(clean, per_leaf=True)
+  assert float(_gram.gradient_diversity(stacked)) == pytest.approx(
+    oracle.gradient_diversity(oracle.flatten(clean)), rel=1e-5
+  )
+
+
+def test_diversity_is_infinite_when_the_microgradients_cancel():
+  assert float(_gram.diversity(jnp.float32(2.0), jnp.float32(0.0))) == np.inf
+  assert float(_gram.diversity(jnp.float32(2.0), jnp.float32(4.0))) == 0.5
+  x = jnp.array([[1.0, 2.0], [-1.0, -2.0]])
+  assert float(_gram.gradient_diversity(_gram.gram([x]))) == np.inf
