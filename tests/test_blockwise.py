@@ -18,6 +18,7 @@ from optax_gaf import _blockwise
 from optax_gaf import _gram
 from optax_gaf import rules
 from tests import helpers
+from tests import oracle
 
 N = 7
 SHRINK = {"sequential": 1.0, "pairwise": 0.5}
@@ -97,8 +98,8 @@ def test_block_route_matches_gram_route(rule, leaves, tau, block_size):
 
 @pytest.mark.parametrize("rule", ["sequential", "pairwise"])
 def test_gaf_takes_block_route_with_same_state(rule):
-  """gaf() on one device, N > BLOCK_SIZE: no N x N Gram matrix, and the Gram
-  route's update and statistics."""
+  """gaf() on one device, N > BLOCK_SIZE: the block route's result, bitwise,
+  and the float64 oracle's decisions, update and statistics."""
   n = 40  # 2 blocks of 16 and a remainder of 8
   assert n > _blockwise.BLOCK_SIZE
   rng = np.random.default_rng(0)
@@ -110,17 +111,17 @@ def test_gaf_takes_block_route_with_same_state(rule):
   block_updates, block_out, _ = block_route(leaves, tau, SHRINK[rule])
   helpers.assert_bitwise_equal(updates, block_updates)
   helpers.assert_bitwise_equal(state.cosine_distance, block_out.cosine_distance)
-  ref_updates, ref_out, ref_diversity = gram_route(
-    leaves, jnp.float32(tau), rule
-  )
-  dist = np.asarray(ref_out.cosine_distance)
-  assert np.min(np.abs(dist - tau)) > 1e-4  # not a near-tie
-  assert 2 < int(state.num_accepted) < n  # the case is not trivial
-  np.testing.assert_array_equal(state.accepted, ref_out.accepted)
+  flat = oracle.flatten(leaves)
+  want, accepted, dist = helpers.ORACLES[rule](flat, tau)
+  assert not oracle.is_ambiguous(dist, tau)
+  assert 2 < accepted.sum() < n  # the case is not trivial
+  np.testing.assert_array_equal(state.accepted, accepted)
   np.testing.assert_allclose(state.cosine_distance, dist, atol=2e-6)
-  np.testing.assert_allclose(state.gradient_diversity, ref_diversity, rtol=1e-4)
-  for got, want in zip(updates, ref_updates):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert float(state.gradient_diversity) == pytest.approx(
+    oracle.gradient_diversity(flat), rel=1e-4
+  )
+  got = np.concatenate([np.ravel(u) for u in updates])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_block_route_keeps_low_precision_dtype():
