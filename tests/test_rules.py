@@ -308,7 +308,7 @@ def test_custom_rule_across_devices_equals_one_device():
   )
   grads = helpers.tree(leaves, names)
   one = optax_gaf.gaf(tau, rule=helpers.near_mean, num_microbatches=n)
-  want = jax.jit(one.update)(grads, one.init(None))
+  on_one = jax.jit(one.update)(grads, one.init(None))
   multi = optax_gaf.gaf(
     tau, rule=helpers.near_mean, num_microbatches=n, axis_name="data"
   )
@@ -317,9 +317,13 @@ def test_custom_rule_across_devices_equals_one_device():
   )
   helpers.assert_same_on_every_device(got)
   first = helpers.first_device(got)
-  helpers.assert_close(first, want)
-  _, accepted, _ = oracle.near_mean(oracle.flatten(leaves), tau)
+  helpers.assert_close(first, on_one)
+  want, accepted, dist = oracle.near_mean(oracle.flatten(leaves), tau)
   np.testing.assert_array_equal(first[1].accepted, accepted)
+  np.testing.assert_allclose(first[1].cosine_distance, dist, atol=2e-5)
+  np.testing.assert_allclose(
+    helpers.flat_update(first[0], names), want, rtol=2e-5, atol=2e-6
+  )
   assert 2 <= accepted.sum() < n  # some accepted, some rejected
 
 
