@@ -11,18 +11,31 @@ divided by plain averaging's (``aggregating.average_per_element_updates``).
 * ``gram``: the sequential rule through the full N x N Gram matrix (the
   route every other rule and the multi-device placement take), for reference.
 
+``--compare-ref REF`` times this checkout's gaf against the library at a
+git revision instead (default variants off): the revision's ``optax_gaf/``
+is written with ``git show`` into a temporary package (imports renamed) and
+imported side by side, and both run interleaved in one process, whole train
+steps and the aggregator alone. It writes ``overhead_float_range.md``: the
+scale-safe Gram (c1baf38) against ``ef58a6b``, the last library before it.
+
 Run from the repository root::
 
   python -m benchmarks.overhead              # the README table
   python -m benchmarks.overhead --quick      # a smoke run
   python -m benchmarks.overhead --isolated   # aggregators alone
+  python -m benchmarks.overhead --compare-ref ef58a6b
 
 It writes ``benchmarks/results/overhead.md`` and ``overhead.png`` (or
-``overhead_isolated.md``).
+``overhead_isolated.md``, or ``overhead_float_range.md``).
 """
 
 import argparse
+import importlib
 import os
+import re
+import subprocess
+import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -107,6 +120,126 @@ def isolated(ns, rounds, out_dir):
   )
 
 
+def _git(*args):
+  return subprocess.run(
+    ["git", *args], check=True, capture_output=True, text=True
+  ).stdout
+
+
+def import_at(ref):
+  """The ``optax_gaf`` package of git revision ``ref``, as another module.
+
+  ``git show`` writes every file of ``optax_gaf/`` at ``ref`` into a
+  temporary directory as package ``optax_gaf_<sha>``, with every
+  ``optax_gaf`` import renamed, and imports it next to this checkout's.
+  """
+  sha = _git("rev-parse", "--short", f"{ref}^{{commit}}").strip()
+  name = f"optax_gaf_{sha}"
+  root = tempfile.mkdtemp(prefix="optax_gaf_ref_")
+  for path in _git("ls-tree", "-r", "--name-only", sha, "optax_gaf/").split():
+    text = _git("show", f"{sha}:{path}")
+    if path.endswith(".py"):
+      text = re.sub(r"\boptax_gaf\b", name, text)
+    target = os.path.join(root, name + path[len("optax_gaf") :])
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "w") as f:
+      f.write(text)
+  sys.path.insert(0, root)
+  return sha, importlib.import_module(name)
+
+
+COMPARED_RULES = ("sequential", "medoid")  # block route above N=16; Gram
+
+
+def _ratio_stats(t, num, den):
+  r = t[num] / t[den]  # per round: both were timed in the same round
+  return np.percentile(r, [25, 50, 75])
+
+
+def compare(refs, ns, sizes, rounds, out_dir):
+  """This checkout's gaf against ``refs`` (git revisions), interleaved.
+
+  For each rule, N and microbatch size: whole train steps (as in the main
+  table), and the aggregator's jitted ``update`` alone on the CNN's stacked
+  microgradients; the table gives the median of the per-round time ratios
+  now / ref (and the quartiles).
+  """
+  others = dict(import_at(ref) for ref in refs)
+  head = _git("rev-parse", "--short", "HEAD").strip()
+  dirty = bool(_git("status", "--porcelain", "--", "optax_gaf/").strip())
+  now = f"{head}{' + uncommitted changes' if dirty else ''}"
+  params = _common.cnn_init(jax.random.key(0))
+  rows = []
+
+  def gafs(rule, n):
+    out = {"now": optax_gaf.gaf(TAU, rule=rule, num_microbatches=n)}
+    for sha, lib in others.items():
+      out[sha] = lib.gaf(TAU, rule=rule, num_microbatches=n)
+    return out
+
+  for rule in COMPARED_RULES:
+    for n in tqdm(ns, desc=f"{rule}: aggregator alone"):
+      key = jax.random.key(n)
+      grads = jax.tree.map(
+        lambda p: p[None] + 0.3 * jax.random.normal(key, (n,) + p.shape),
+        params,
+      )
+      fns = {}
+      for name, agg in gafs(rule, n).items():
+        update, state = jax.jit(agg.update), agg.init(params)
+        fns[name] = lambda update=update, state=state: update(grads, state)
+      t = _common.interleaved(fns, rounds)
+      rows.append((rule, "alone", n, float(np.median(t["now"])) * 1e3, t))
+    for mb in sizes:
+      for n in tqdm(ns, desc=f"{rule}: step, microbatch size {mb}"):
+        batch = _common.image_batch(jax.random.key(n * 100 + mb), n * mb)
+        fns = {}
+        for name, agg in gafs(rule, n).items():
+          tx, step = make_step(agg, n)
+          state = tx.init(params)
+          fns[name] = lambda step=step, state=state: step(params, state, batch)
+        t = _common.interleaved(fns, rounds)
+        rows.append((rule, mb, n, float(np.median(t["now"])) * 1e3, t))
+      tqdm.write(f"{rule} microbatch size {mb} done")
+
+  cols = "".join(f" now / {sha} |" for sha in others)
+  lines = [
+    "| rule | what | N | now (ms) |" + cols,
+    "| --- | --- | ---: | ---: |" + " ---: |" * len(others),
+  ]
+  worst = 0.0
+  for rule, what, n, ms, t in rows:
+    what = "update alone" if what == "alone" else f"step, microbatch {what}"
+    cells = ""
+    for sha in others:
+      q1, med, q3 = _ratio_stats(t, "now", sha)
+      worst = max(worst, med)
+      cells += f" {med:.3f} [{q1:.2f}, {q3:.2f}] |"
+    lines.append(f"| {rule} | {what} | {n} | {ms:.2f} |{cells}")
+  table = "\n".join(lines)
+  print(table)
+  print(f"largest median ratio: {worst:.3f}")
+  cmd = " ".join(f"--compare-ref {r}" for r in refs)
+  if out_dir != "benchmarks/results":
+    cmd += f" --out {out_dir}"
+  _common.write_result(
+    out_dir,
+    "overhead_float_range.md",
+    f"This checkout's gaf (`now`: {now}) against the library at"
+    f" {', '.join(f'`{r}` ({sha})' for r, sha in zip(refs, others))}"
+    f" imported side by side (`git show` into a temporary package), timed"
+    f" interleaved in one process: the median over {rounds} rounds of the"
+    f" per-round time ratio, [quartiles]. Small CNN,"
+    f" {_common.num_params(params)} parameters, 32x32x3 inputs,"
+    f" aggregating.process with SGD momentum, tau={TAU}; microgradients"
+    f" whose norms stay in the safe window (the common step)."
+    f" {os.cpu_count()} CPU cores shared with other jobs, jax"
+    f" {jax.__version__}.\n\n`python -m benchmarks.overhead {cmd}"
+    f" --ns {' '.join(map(str, ns))} --sizes {' '.join(map(str, sizes))}"
+    f" --rounds {rounds}`\n\n{table}\n\nLargest median ratio: {worst:.3f}\n",
+  )
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -119,7 +252,26 @@ def main():
   )
   parser.add_argument("--rounds", type=int, default=11)
   parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument(
+    "--compare-ref",
+    action="append",
+    metavar="REF",
+    help="time this checkout's gaf against the library at git revision REF"
+    " (repeatable)",
+  )
+  parser.add_argument(
+    "--ns", type=int, nargs="+", default=[4, 16, 32], help="with --compare-ref"
+  )
+  parser.add_argument(
+    "--sizes",
+    type=int,
+    nargs="*",
+    default=[4, 1],
+    help="with --compare-ref; none: the aggregator alone only",
+  )
   args = parser.parse_args()
+  if args.compare_ref:
+    return compare(args.compare_ref, args.ns, args.sizes, args.rounds, args.out)
   if args.isolated:
     return isolated([2, 4, 8, 16, 32, 64], 15, args.out)
   ns = [2, 16] if args.quick else [2, 4, 8, 16, 32, 64]
