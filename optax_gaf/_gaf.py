@@ -219,14 +219,13 @@ def _apply_rule(config: _Config, gram, usable, tau) -> rules.RuleOutput:
   if config.per_leaf:
     rule = jax.vmap(rule, in_axes=(0, 0, None))
   out = rule(gram, usable, tau)
-  try:
-    out = rules.RuleOutput(*out)
-    shapes = [jnp.shape(x) for x in out]
-  except TypeError as e:
+  if not isinstance(out, tuple) or len(out) != 4:
     raise TypeError(
       f"The rule {config.rule} must return a RuleOutput(weights, ready,"
       f" accepted, cosine_distance); got {type(out).__name__}."
-    ) from e
+    )
+  out = rules.RuleOutput(*out)
+  shapes = [jnp.shape(x) for x in out]
   want = [usable.shape, usable.shape[:-1], usable.shape, usable.shape]
   if shapes != want:
     raise ValueError(

@@ -389,17 +389,19 @@ def test_custom_rule_with_wrong_shapes_is_refused(rule, granularity):
   [
     lambda out: None,
     lambda out: tuple(out)[:3],
-    lambda out: out.weights,  # N=3: a bare weights vector
+    lambda out: out.weights,  # a bare weights vector
+    lambda out: out._asdict(),  # four keys: unpacks like four fields
   ],
-  ids=["none", "three_fields", "weights_only"],
+  ids=["none", "three_fields", "weights_only", "dict"],
 )
-def test_custom_rule_not_returning_a_rule_output_is_refused(returns):
+@pytest.mark.parametrize("n", [3, 4])
+def test_custom_rule_not_returning_a_rule_output_is_refused(returns, n):
   def rule(gram, usable, tau):
     return returns(helpers.near_mean(gram, usable, tau))
 
   tx = optax_gaf.gaf(0.5, rule=rule)
   with pytest.raises(TypeError, match="must return a RuleOutput"):
-    tx.update(jnp.ones((3, 2)), tx.init(None))
+    tx.update(jnp.ones((n, 2)), tx.init(None))
 
 
 @pytest.mark.parametrize("rule", [3, None, ["sequential"]])

@@ -48,7 +48,7 @@ def test_streaming_refuses_a_schedule(make):
     make(optax.constant_schedule(0.5))
 
 
-@pytest.mark.parametrize("tau", ["half", [0.5, 0.6]])
+@pytest.mark.parametrize("tau", ["half", [0.5, 0.6], "0.5", True, False])
 def test_tau_that_is_no_scalar_number(tau):
   with pytest.raises((TypeError, ValueError), match="tau must be"):
     optax_gaf.gaf(tau)
