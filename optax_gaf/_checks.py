@@ -71,9 +71,9 @@ _WRAPPED = (
   "Microgradient leaves are shaped exactly like the params, so gaf got one"
   " gradient, not [N, *param.shape] microgradients. Likely causes: a missing"
   " jax.vmap over the microbatches, or a wrapper outside gaf that expects"
-  " params-shaped gradients (optax.MultiSteps, optax.apply_if_finite, ...)."
-  " Put such wrappers after gaf: aggregating.process(optax.identity(),"
-  " gaf(...), optax.MultiSteps(inner, k))."
+  " params-shaped gradients (optax.MultiSteps, ...). Put such wrappers after"
+  " gaf: optax_gaf.process(optax.identity(), gaf(...),"
+  " optax.MultiSteps(inner, k))."
 )
 
 
@@ -116,10 +116,12 @@ def _refuse_masked(grads: Any) -> None:
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   if any(is_masked(x) for x in jax.tree.leaves(grads, is_leaf=is_masked)):
     raise ValueError(
-      "gaf got optax.MaskedNode leaves: it is inside optax.masked, which"
-      " would pass the masked-out [N, ...] microgradients on un-aggregated."
-      " Use optax.multi_transform with aggregating.process(optax.identity(),"
-      " gaf(...), inner) on each partition instead."
+      "gaf got optax.MaskedNode leaves: it is inside optax.masked or"
+      " optax.multi_transform (built on masked), which gaf cannot tell apart;"
+      " under optax.masked the masked-out [N, ...] microgradients would pass"
+      " on un-aggregated. Put gaf first: optax_gaf.process(optax.identity(),"
+      " gaf(...), optax.multi_transform(...)) (with"
+      " granularity='per_leaf' for a decision per tensor)."
     )
 
 

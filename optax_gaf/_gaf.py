@@ -192,8 +192,9 @@ def _validate(config: _Config, grads, state: GAFState, params):
   return leaves, treedef
 
 
-def _threshold_of(config: _Config, state: GAFState) -> jax.Array:
-  tau = _threshold.tau_at(config.tau, state.count)
+def _threshold_of(config: _Config, state: GAFState, leaves) -> jax.Array:
+  """This step's threshold, in the statistics' dtype (float64 for float64)."""
+  tau = _threshold.tau_at(config.tau, state.count, _gram.stat_dtype(leaves))
   if config.adaptive_tau is None:
     return tau
   k, _, min_count = config.adaptive_tau
@@ -292,7 +293,7 @@ def _update(config: _Config, grads, state, params=None, **extra_args):
   placement = _placement.resolve_placement(
     leaves, config.axis_name, config.collective, params
   )
-  tau = _threshold_of(config, state)
+  tau = _threshold_of(config, state, leaves)
   updates, out, diversity = _route(config, placement, leaves, tau)
   return treedef.unflatten(updates), _record(state, out, tau, diversity)
 

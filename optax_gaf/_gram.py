@@ -197,7 +197,9 @@ def rescale_factors(scales: jax.Array) -> jax.Array:
   safe = jnp.where(ok, scales, 1.0)
   s_max = jnp.max(jnp.where(ok, scales, 0.0), axis=-1, keepdims=True)
   s_max = jnp.where(s_max > 0, s_max, 1.0)
-  return jnp.where(ok, jnp.maximum(1.0 / s_max, SCALE_FLOOR / safe), 0.0)
+  # 1/s_max is subnormal above 1/tiny (float32: 8.5e37); XLA flushes those.
+  common = jnp.maximum(1.0 / s_max, jnp.finfo(scales.dtype).tiny)
+  return jnp.where(ok, jnp.maximum(common, SCALE_FLOOR / safe), 0.0)
 
 
 def scale_leaves(

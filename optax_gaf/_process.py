@@ -51,6 +51,10 @@ def process(
     Array([0., 0.], dtype=float32)
   """
 
+  # As optax.chain does: plain transformations ignore extra args (value=).
+  preprocessor = optax.with_extra_args_support(preprocessor)
+  postprocessor = optax.with_extra_args_support(postprocessor)
+
   def init_fn(params):
     return (
       preprocessor.init(params),

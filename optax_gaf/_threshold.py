@@ -40,9 +40,11 @@ def check_tau(tau: Any, allow_schedule: bool = True) -> None:
     )
 
 
-def tau_at(tau: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  """The threshold at step ``count``, as float32."""
-  return jnp.asarray(tau(count) if callable(tau) else tau, jnp.float32)
+def tau_at(
+  tau: optax.ScalarOrSchedule, count: jax.Array, dtype=jnp.float32
+) -> jax.Array:
+  """The threshold at step ``count``, in ``dtype`` (the statistics' dtype)."""
+  return jnp.asarray(tau(count) if callable(tau) else tau, dtype)
 
 
 class AdaptiveTau(NamedTuple):
@@ -93,7 +95,11 @@ def check_adaptive_tau(adaptive_tau: Any) -> None:
 
 
 def adaptive_threshold(history, tau, k, min_count):
-  """``min(tau, mean + k * std)`` over the finite entries of ``history``."""
+  """``min(tau, mean + k * std)`` over the finite entries of ``history``.
+
+  In ``tau``'s dtype.
+  """
+  tau = jnp.asarray(tau)
   ok = jnp.isfinite(history)
   count = jnp.sum(ok)
   safe = jnp.where(ok, history, 0.0)
@@ -101,7 +107,7 @@ def adaptive_threshold(history, tau, k, min_count):
   sq_dev = jnp.where(ok, (history - mean) ** 2, 0.0)
   var = jnp.sum(sq_dev) / jnp.maximum(count, 1)  # population variance
   adapted = jnp.minimum(tau, mean + k * jnp.sqrt(var))
-  return jnp.where(count >= min_count, adapted, tau).astype(jnp.float32)
+  return jnp.where(count >= min_count, adapted, tau).astype(tau.dtype)
 
 
 def record_distances(history, distances):

@@ -200,13 +200,6 @@ def test_float32_edges_of_the_range():
       _check(update(leaves), _as_seen(leaves), rtol, what, distances=exact)
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=AssertionError,
-  reason="library bug: _gram.rescale_factors computes 1/max|g| in float32;"
-  " above 1/finfo.tiny = 8.5e37 it is subnormal and flushes to zero, so every"
-  " microgradient counts as unusable (a no-agreement step)",
-)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_largest_entries_near_the_float32_maximum(dtype):
   base = _base(4)
@@ -305,14 +298,6 @@ def test_float64_is_computed_in_float64(n):
   assert _float64_errors(n, ("sequential", "pairwise", "medoid")) < 1e-13
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=AssertionError,
-  reason="library bug: the threshold is float32 (_threshold.tau_at), so the"
-  " soft rule's sigmoid((tau - d) / T) weights carry float32's tau: relative"
-  " error ~1e-9 on float64 microgradients (~1e-16 against an oracle given"
-  " tau rounded to float32)",
-)
 def test_float64_soft_rule_is_computed_in_float64():
   assert _float64_errors(4, ("soft",)) < 1e-13
 
