@@ -204,3 +204,44 @@ def test_a_hung_launch_is_killed_and_fails(tmp_path):
   with pytest.raises(pytest.fail.Exception, match="hung for 2 s"):
     launch([sleeper, sleeper], tmp_path, timeout=2)
   assert time.monotonic() - start < 30
+
+
+def test_data_parallel_example_multihost(tmp_path):
+  """examples/data_parallel.py --multihost: 2 processes, one result."""
+  port = _free_port()
+  outputs = launch(
+    [
+      [
+        sys.executable,
+        str(ROOT / "examples" / "data_parallel.py"),
+        "--multihost",
+        "--cpu-devices",
+        "4",
+        "--coordinator-address",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+        "--steps",
+        "3",
+        "--n-local",
+        "1",
+        "--microbatch-size",
+        "4",
+      ]
+      for i in range(2)
+    ],  # fmt: skip
+    tmp_path,
+  )
+  results = [
+    [
+      line
+      for line in out.splitlines()
+      if line.startswith(("8 devices", "mean"))
+    ]
+    for out in outputs
+  ]
+  assert results[0][0].startswith("8 devices x 1 microbatches of 4 (N = 8)")
+  assert "skipped steps" in results[0][1] and "test accuracy" in results[0][1]
+  assert results[0] == results[1]
