@@ -160,8 +160,12 @@ def make_train_step(mesh, graphdef, tx, n_local):
     out_specs=(P(), P(), P()),
   )
   def train_step(params, opt_state, batch):
-    # Here batch is this device's shard: n_local microbatches of it.
-    losses, grads = grad_fn(params, batch)
+    # Here batch is this device's shard: n_local microbatches of it. The
+    # params are the same on every device; as they stand, grad's transpose
+    # would psum each microgradient over the devices. Varying, each device
+    # keeps its own.
+    local = lax.pcast(params, "data", to="varying")
+    losses, grads = grad_fn(local, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (
       optax.apply_updates(params, updates),
