@@ -242,27 +242,37 @@ class AllGatherPlacement(NamedTuple):
 
   Attributes:
     axis_name: the mesh axis name (or tuple of names).
+    held: the leaves gathered once by :func:`resolve_placement`.
   """
 
   axis_name: AxisName
+  held: _Moved = _Moved()
 
   def num_microgradients(self, n_local: int) -> int:
     return lax.axis_size(self.axis_name) * n_local
 
-  def _gather(self, leaves):
+  def _gather(self, indices, leaves):
+    del indices
     return [
       lax.all_gather(x, self.axis_name, to="invarying", tiled=True)
       for x in leaves
     ]
 
+  def hold(self, leaves) -> "AllGatherPlacement":
+    """This placement with ``leaves`` gathered once, for every later stage."""
+    gathered = self._gather(None, leaves)
+    return self._replace(held=_Moved(tuple(leaves), tuple(gathered)))
+
   def gram(self, leaves, per_leaf=False, factors=None):
-    return _gram.gram(self._gather(leaves), per_leaf, factors)
+    gathered = self.held.get(leaves, self._gather)
+    return _gram.gram(gathered, per_leaf, factors)
 
   def max_abs(self, leaves):
     return _gathered_max_abs(leaves, self.axis_name)
 
   def combine(self, leaves, weights, usable):
-    return _gram.weighted_sum(self._gather(leaves), weights, usable)
+    gathered = self.held.get(leaves, self._gather)
+    return _gram.weighted_sum(gathered, weights, usable)
 
 
 class MeshPlacement(NamedTuple):
@@ -576,7 +586,7 @@ def resolve_placement(
     return MeshPlacement(*found, _param_specs(params)).hold(leaves)
   if _is_bound(axis_name):
     if collective == "all_gather":
-      return AllGatherPlacement(axis_name)
+      return AllGatherPlacement(axis_name).hold(leaves)
     layouts = _local_layouts(leaves, params, axis_name)
     return AllToAllPlacement(axis_name, layouts).hold(leaves)
   mesh = jax.sharding.get_abstract_mesh()
