@@ -135,10 +135,11 @@ def make_shard_map_step(tx, n_local, mesh, specs, state_specs):
   """shard_map: each device holds its shards of params and adamw's state."""
 
   def gather(p, spec):
+    # Varying over "data" (as all_gather's result is): otherwise grad's
+    # transpose would psum the microgradients of all devices.
     if "data" not in spec:
-      return p
-    axis = list(spec).index("data")
-    return lax.all_gather(p, "data", axis=axis, tiled=True, to="invarying")
+      return lax.pcast(p, "data", to="varying")
+    return lax.all_gather(p, "data", axis=list(spec).index("data"), tiled=True)
 
   @jax.jit
   @functools.partial(
@@ -148,9 +149,7 @@ def make_shard_map_step(tx, n_local, mesh, specs, state_specs):
     out_specs=(specs, state_specs, P()),
   )
   def train_step(params, opt_state, batch):
-    full = jax.tree.map(gather, params, specs)
-    # Varying: else grad's transpose psums the microgradients over devices.
-    full = lax.pcast(full, "data", to="varying")
+    full = jax.tree.map(gather, params, specs)  # FSDP's all-gather
     losses, grads = optax_gaf.microbatch_grads(loss_fn, n_local)(full, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     loss = lax.pmean(losses.mean(), "data")
