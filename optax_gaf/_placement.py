@@ -311,12 +311,18 @@ class MeshPlacement(NamedTuple):
     )
 
   def _auto(self, fn, out_sharding):
-    """Explicit axes: run ``fn`` with them Auto, so constraints apply."""
-    explicit = jax.sharding.AxisType.Explicit
-    types = dict(zip(self.mesh.axis_names, self.mesh.axis_types))
-    if not any(types[a] == explicit for a in self.axes):
+    """Explicit axes: run ``fn`` with them Auto, so constraints apply.
+
+    All of them: the params' specs may name axes besides ``axes``.
+    """
+    explicit = tuple(
+      a
+      for a, t in zip(self.mesh.axis_names, self.mesh.axis_types)
+      if t == jax.sharding.AxisType.Explicit
+    )
+    if not explicit:
       return fn
-    fn = jax.sharding.auto_axes(fn, axes=self.axes, out_sharding=out_sharding)
+    fn = jax.sharding.auto_axes(fn, axes=explicit, out_sharding=out_sharding)
     if not jax.sharding.get_abstract_mesh().empty:
       return fn
 
@@ -365,28 +371,35 @@ class MeshPlacement(NamedTuple):
     return self._replace(held=_Moved(tuple(leaves), tuple(moved)))
 
   def gram(self, leaves, per_leaf=False, factors=None):
-    # shard_map over the axes: one psum of the summed partial Gram matrices
-    # (constraints alone all-reduce one [N, N] per leaf).
-    layouts = [self._layout(i, x) for i, x in enumerate(leaves)]
-    manual = lambda e: e if e is not None and _names(e) == self.axes else None
-    in_specs = [
-      P(*(manual(e) for e in self._chunk_spec(i, x)))
-      for i, x in enumerate(leaves)
-    ]
+    # shard_map: per device, the partial Gram matrix of its pieces; one psum
+    # per set of mesh axes the pieces are split over (one set, the data
+    # axes, unless params are sharded over other axes too). Constraints
+    # alone would all-reduce one [N, N] per leaf.
+    specs = [self._chunk_spec(i, x) for i, x in enumerate(leaves)]
+    groups = {}
+    for i, spec in enumerate(specs):
+      axes = tuple(a for e in spec if e is not None for a in _names(e))
+      groups.setdefault(axes, []).append(i)
 
     def fn(moved, factors):
-      # Bring the sharded axis first, so flattening keeps the blocks whole.
-      moved = [m if not k else jnp.moveaxis(m, 1 + k, 1)
-               for m, k in zip(moved, layouts)]  # fmt: skip
-      return lax.psum(_gram.gram(moved, per_leaf, factors), self.axes)
+      grams = {}
+      for axes, idx in groups.items():
+        f = factors
+        if f is not None and f.ndim == 2:
+          f = f[jnp.asarray(idx)]
+        partial = _gram.gram([moved[i] for i in idx], per_leaf, f)
+        grams.update(zip(idx, lax.psum(partial, axes)) if per_leaf else
+                     {idx[0]: lax.psum(partial, axes)})  # fmt: skip
+      if per_leaf:
+        return jnp.stack([grams[i] for i in range(len(moved))])
+      return sum(grams.values())
 
     context = jax.sharding.get_abstract_mesh()
     fn = jax.shard_map(
       fn,
       mesh=self.mesh if context.empty else context,
-      in_specs=(in_specs, P()),
+      in_specs=([P(*spec) for spec in specs], P()),
       out_specs=P(),
-      axis_names=set(self.axes),
     )
     return fn(self.held.get(leaves, self._move), factors)
 

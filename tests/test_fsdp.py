@@ -150,6 +150,24 @@ def test_jit_updates_take_the_params_shardings(axis_type, axis_name, set_mesh):
   assert _moved(hlo, n, len(SHAPES))[2] == len(SHAPES)  # each leaf moved once
 
 
+def test_jit_two_axis_mesh():
+  """Params also sharded over a model axis: updates keep every sharding."""
+  n = 8
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  shapes = {"w": (16, 8), "u": (6, 4), "b": (5,)}
+  specs = {"w": P("data", "model"), "u": P("model", None), "b": P()}
+  grads = _microgradients(n, shapes, seed=5)
+  agg = optax_gaf.gaf(TAU, num_microbatches=n)
+  updates, state = jax.jit(agg.update)(
+    jax.device_put(grads, NamedSharding(mesh, P("data"))),
+    agg.init(None),
+    _params(mesh, shapes, specs),
+  )
+  _assert_oracle(updates, state, grads)
+  for k, u in updates.items():
+    assert _spec(u) == tuple(specs[k]) + (None,) * (u.ndim - len(specs[k]))
+
+
 @pytest.mark.parametrize("n_local", [1, 2])
 def test_jit_bytes_at_most_a_reduce_scatter(n_local):
   """Per device, gaf's gradient bytes <= 1.05 x n_local x reduce-scatter."""
