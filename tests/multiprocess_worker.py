@@ -121,6 +121,7 @@ def main(argv=None):
   p.add_argument("--port", type=int, required=True)
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
+  _log("imported")
   jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
@@ -160,7 +161,8 @@ _START = time.monotonic()
 
 def _log(stage):
   """Progress on stdout: the test shows it when a launch hangs or fails."""
-  print(f"[{time.monotonic() - _START:6.1f} s] {stage}", flush=True)
+  clock = time.strftime("%H:%M:%S")
+  print(f"[{clock}, {time.monotonic() - _START:5.1f} s] {stage}", flush=True)
 
 
 if __name__ == "__main__":

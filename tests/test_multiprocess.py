@@ -43,6 +43,8 @@ def launch(commands, log_dir, timeout=TIMEOUT):
   try:
     for i, cmd in enumerate(commands):
       log = open(pathlib.Path(log_dir) / f"log_{i}.txt", "w+")  # noqa: SIM115
+      log.write(f"[{time.strftime('%H:%M:%S')}] launched\n")
+      log.flush()
       logs.append(log)
       procs.append(
         subprocess.Popen(
