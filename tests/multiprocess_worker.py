@@ -147,13 +147,11 @@ def main(argv=None):
   }
   path = pathlib.Path(args.out) / f"process_{args.process_id}.pkl"
   path.write_bytes(pickle.dumps(out))
-  # Nobody leaves before everyone has written: the coordinator lives in
-  # process 0.
-  from jax.experimental import multihost_utils
-
-  multihost_utils.sync_global_devices("written")
-  jax.distributed.shutdown()
   _log("done")
+  # No jax.distributed.shutdown() here: at exit JAX destroys the backends
+  # (with their gloo collectives) first, then shuts the client down behind
+  # a barrier. Shutting it down first made the exit stall for minutes now
+  # and then, after everything was written.
 
 
 _START = time.monotonic()
