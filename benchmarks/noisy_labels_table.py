@@ -277,54 +277,30 @@ def run(args) -> dict:
   cache = {}  # (method, tau) -> compiled functions, reused across noise rates
   start = time.time()
   with tqdm(total=total, unit="step") as progress:
+
+    def run(method, tau, sets):
+      return run_group(
+        method, tau, *sets, seeds, base, data, args.eval_every, progress, cache
+      )
+
     for noise in args.noise:
       sets = noisy_sets(data, noise, seeds, base, args.steps)
       for method in args.methods:
         progress.set_postfix(noise=noise, method=method)
-        out = run_group(
-          method,
-          base.tau,
-          *sets,
-          seeds,
-          base,
-          data,
-          args.eval_every,
-          progress,
-          cache,
-        )
+        out = run(method, base.tau, sets)
         results["noise"].setdefault(method, {})[noise] = out
     if args.taus:
       sets = noisy_sets(data, args.sweep_noise, seeds, base, args.steps)
       for method in gaf_methods:
         for tau in args.taus:
           progress.set_postfix(tau=tau, method=method)
-          out = run_group(
-            method,
-            tau,
-            *sets,
-            seeds,
-            base,
-            data,
-            args.eval_every,
-            progress,
-            cache,
-          )
+          out = run(method, tau, sets)
           results["tau_sweep"].setdefault(method, {})[tau] = out
     if not args.no_random_labels:
       sets = noisy_sets(data, 0.0, seeds, base, args.steps, random_labels=True)
       for method in args.methods:
         progress.set_postfix(labels="random", method=method)
-        results["random_labels"][method] = run_group(
-          method,
-          base.tau,
-          *sets,
-          seeds,
-          base,
-          data,
-          args.eval_every,
-          progress,
-          cache,
-        )
+        results["random_labels"][method] = run(method, base.tau, sets)
   results["seconds"] = time.time() - start
   return results
 
