@@ -24,6 +24,7 @@ from optax_gaf._streaming import FilteredGradients
 from optax_gaf._streaming import gaf_accumulator
 from optax_gaf._streaming import streaming_grads
 from optax_gaf._threshold import AdaptiveTau
+from optax_gaf._threshold import AutoTau
 from optax_gaf.rules import RuleOutput
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = (
   "AdaConsState",
   "AdaptiveTau",
+  "AutoTau",
   "AndMaskState",
   "FilteredGradients",
   "GAFState",

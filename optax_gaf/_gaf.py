@@ -56,6 +56,9 @@ class GAFState(NamedTuple):
       order); None otherwise.
     tau_history: float32 ``[M]``, the last M recorded cosine distances for an
       :class:`AdaptiveTau` threshold (NaN where empty); None without.
+    chance_stats: float32 ``[3]`` for an :class:`AutoTau` threshold: the EMA
+      of the summed squares of negative cosine similarities, the EMA of their
+      count, and the number seen so far; ``[L, 3]`` per leaf; None without.
   """
 
   count: jax.Array
@@ -69,13 +72,14 @@ class GAFState(NamedTuple):
   cosine_distance: jax.Array | None = None
   leaf_acceptance_rate: jax.Array | None = None
   tau_history: jax.Array | None = None
+  chance_stats: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """``gaf``'s arguments, checked once."""
 
-  tau: optax.ScalarOrSchedule
+  tau: optax.ScalarOrSchedule | _threshold.AutoTau
   rule: rules.Rule
   shrink: float | None  # set for running-aggregate rules: the block route
   num_microbatches: int | None
@@ -114,6 +118,11 @@ def _configure(
 ) -> _Config:  # fmt: skip
   _threshold.check_tau(tau)
   _threshold.check_adaptive_tau(adaptive_tau)
+  if adaptive_tau is not None and isinstance(tau, _threshold.AutoTau):
+    raise ValueError(
+      "tau=AutoTau() already adapts the threshold; drop adaptive_tau, or give"
+      " a number as tau to cap AdaptiveTau's threshold."
+    )
   _placement.check_placement(axis_name, collective, sharded_params)
   granularity = _checks.choice(
     granularity, "granularity", ("global", "per_leaf")
@@ -134,7 +143,7 @@ def _configure(
   )
 
 
-def _init_state(tau, n, n_leaves=0, n_history=0) -> GAFState:
+def _init_state(tau, n, n_leaves=0, n_history=0, auto=False) -> GAFState:
   per_n = None if n is None else ((n_leaves, n) if n_leaves else (n,))
   return GAFState(
     **_stats.init_counters(),
@@ -149,15 +158,22 @@ def _init_state(tau, n, n_leaves=0, n_history=0) -> GAFState:
     tau_history=jnp.full([n_history], jnp.nan, jnp.float32)
     if n_history
     else None,
+    chance_stats=_threshold.init_chance_stats((n_leaves,) if n_leaves else ())
+    if auto
+    else None,
   )
 
 
-def _record(state: GAFState, out, tau, diversity) -> GAFState:
-  """The new state from a step's decisions (``out``: a RuleOutput or alike)."""
+def _record(state: GAFState, out, tau, diversity, decay=None) -> GAFState:
+  """The new state from a step's decisions (``out``: a RuleOutput or alike).
+
+  ``decay`` is :class:`AutoTau`'s, when ``state.chance_stats`` is kept.
+  """
   ready = jnp.any(out.ready)
   return GAFState(
     **_stats.advance_counters(state, ready, diversity),
-    tau=jnp.asarray(tau, jnp.float32),
+    # Per leaf with AutoTau: the mean of the leaves' thresholds.
+    tau=jnp.mean(jnp.asarray(tau, jnp.float32)),
     num_accepted=jnp.sum(out.accepted, dtype=jnp.int32),
     acceptance_rate=jnp.mean(out.accepted, dtype=jnp.float32),
     accepted=None if state.accepted is None else out.accepted,
@@ -170,6 +186,11 @@ def _record(state: GAFState, out, tau, diversity) -> GAFState:
     tau_history=None
     if state.tau_history is None
     else _threshold.record_distances(state.tau_history, out.cosine_distance),
+    chance_stats=None
+    if state.chance_stats is None
+    else _threshold.record_chance(
+      state.chance_stats, out.cosine_distance, decay
+    ),
   )
 
 
@@ -193,8 +214,14 @@ def _validate(config: _Config, grads, state: GAFState, params):
 
 
 def _threshold_of(config: _Config, state: GAFState, leaves) -> jax.Array:
-  """This step's threshold, in the statistics' dtype (float64 for float64)."""
-  tau = _threshold.tau_at(config.tau, state.count, _gram.stat_dtype(leaves))
+  """This step's threshold, in the statistics' dtype (float64 for float64).
+
+  ``[L]`` (one per leaf) for an :class:`AutoTau` with ``per_leaf``.
+  """
+  dtype = _gram.stat_dtype(leaves)
+  if isinstance(config.tau, _threshold.AutoTau):
+    return _threshold.auto_threshold(state.chance_stats, config.tau, dtype)
+  tau = _threshold.tau_at(config.tau, state.count, dtype)
   if config.adaptive_tau is None:
     return tau
   k, _, min_count = config.adaptive_tau
@@ -218,7 +245,7 @@ def _apply_rule(config: _Config, gram, usable, tau) -> rules.RuleOutput:
   """Runs the rule (per leaf: vmapped) and checks what it returns."""
   rule = config.rule
   if config.per_leaf:
-    rule = jax.vmap(rule, in_axes=(0, 0, None))
+    rule = jax.vmap(rule, in_axes=(0, 0, 0 if jnp.ndim(tau) else None))
   out = rule(gram, usable, tau)
   if not isinstance(out, tuple) or len(out) != 4:
     raise TypeError(
@@ -283,7 +310,8 @@ def _init(config: _Config, params) -> GAFState:
   adaptive = config.adaptive_tau
   n_history = 0 if adaptive is None else adaptive.history
   tau0 = _threshold.tau_at(config.tau, jnp.zeros([], jnp.int32))
-  return _init_state(tau0, config.num_microbatches, n_leaves, n_history)
+  auto = isinstance(config.tau, _threshold.AutoTau)
+  return _init_state(tau0, config.num_microbatches, n_leaves, n_history, auto)
 
 
 def _update(config: _Config, grads, state, params=None, **extra_args):
@@ -295,11 +323,12 @@ def _update(config: _Config, grads, state, params=None, **extra_args):
   )
   tau = _threshold_of(config, state, leaves)
   updates, out, diversity = _route(config, placement, leaves, tau)
-  return treedef.unflatten(updates), _record(state, out, tau, diversity)
+  decay = getattr(config.tau, "decay", None)  # AutoTau's
+  return treedef.unflatten(updates), _record(state, out, tau, diversity, decay)
 
 
 def gaf(
-  tau: optax.ScalarOrSchedule = 0.97,
+  tau: optax.ScalarOrSchedule | _threshold.AutoTau = 0.97,
   *,
   rule: str | rules.Rule = "sequential",
   num_microbatches: int | None = None,
@@ -324,8 +353,10 @@ def gaf(
   optimizer, whose momentum still moves the parameters.
 
   Args:
-    tau: cosine distance threshold in ``[0, 2]``, or a schedule of the step
-      count. ``tau=2`` accepts everything (the plain mean).
+    tau: cosine distance threshold in ``[0, 2]``, a schedule of the step
+      count, or an :class:`AutoTau` (a threshold from the chance agreement of
+      the microgradients, no tuning). ``tau=2`` accepts everything (the plain
+      mean).
     rule: ``"sequential"`` (the paper's), ``"pairwise"``, ``"medoid"``,
       ``"soft"`` (:mod:`optax_gaf.rules`) or a :class:`~optax_gaf.rules.Rule`.
     num_microbatches: N. When given, the state records ``accepted`` and

@@ -1,4 +1,5 @@
-"""The threshold tau: range checks, schedules and :class:`AdaptiveTau`."""
+"""The threshold tau: range checks, schedules, :class:`AutoTau` and
+:class:`AdaptiveTau`."""
 
 from typing import Any
 from typing import NamedTuple
@@ -9,14 +10,85 @@ import numpy as np
 import optax
 
 
+class AutoTau(NamedTuple):
+  r"""A threshold from chance agreement: no tau to tune.
+
+  Two unrelated microgradients have a cosine similarity spread around 0; how
+  widely depends on the model, the microbatch size and the phase of training.
+  ``AutoTau`` estimates that spread from the microgradients themselves and
+  accepts only agreement well above it:
+
+  .. math::
+
+     \tau_t = \max\left(\text{floor},\ 1 - z\,\hat\sigma_t\right),
+     \qquad
+     \hat\sigma_t^2 = \frac{\mathrm{EMA}\left(\sum_{s<0} s^2\right)}
+                            {\mathrm{EMA}\left(\#\{s<0\}\right)},
+
+  where the ``s = 1 - d`` are the cosine similarities the rule compared at
+  earlier steps (its ``cosine_distance`` output; anchors excluded). Only the
+  negative ones enter: a shared signal pushes similarities up, so the
+  negative half is (mostly) chance. Each step's sums are blended in with
+  weight ``1 - decay``. Until ``min_count`` negative similarities have been
+  seen, ``tau_t = warmup_tau``.
+
+  The state holds three float32 numbers (``GAFState.chance_stats``; ``[L, 3]``
+  with ``granularity="per_leaf"``, one threshold per leaf). The statistics
+  come from the rule's decisions, which every device computes from the same
+  replicated Gram matrix, so the threshold is identical on every device.
+
+  Attributes:
+    z: how many chance standard deviations of agreement are required.
+    decay: the EMA's decay per step (a horizon of about ``1 / (1 - decay)``
+      steps).
+    min_count: negative similarities needed before the threshold adapts.
+    warmup_tau: the threshold until then (1: accept any positive agreement).
+    floor: the lowest threshold ``tau_t`` may take.
+
+  References:
+    ``docs/guides/choosing_tau.md`` (measurements and failure modes).
+  """
+
+  z: float = 2.0
+  decay: float = 0.99
+  min_count: int = 8
+  warmup_tau: float = 1.0
+  floor: float = 0.0
+
+
+def check_auto_tau(auto: AutoTau) -> None:
+  """Raises unless every field of ``auto`` is in range."""
+  z, decay, min_count, warmup_tau, floor = auto
+  if not (np.isfinite(z) and z > 0):
+    raise ValueError(f"AutoTau.z must be a finite number > 0; got {z}.")
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"AutoTau.decay must lie in [0, 1); got {decay}.")
+  if isinstance(min_count, bool) or not isinstance(
+    min_count, int | np.integer
+  ):
+    raise TypeError(f"AutoTau.min_count must be an int; got {min_count!r}.")
+  if min_count < 1:
+    raise ValueError(f"AutoTau.min_count must be >= 1; got {min_count}.")
+  for name, value in (("warmup_tau", warmup_tau), ("floor", floor)):
+    if not 0.0 <= value <= 2.0:
+      raise ValueError(f"AutoTau.{name} must lie in [0, 2]; got {value}.")
+
+
 def check_tau(tau: Any, allow_schedule: bool = True) -> None:
   """Raises on a tau outside ``[0, 2]``; traced values pass through.
 
   Args:
-    tau: a scalar, or (with ``allow_schedule``) a schedule of the step count,
-      checked at step 0.
-    allow_schedule: whether a callable is allowed.
+    tau: a scalar, an :class:`AutoTau` or (with ``allow_schedule``) a
+      schedule of the step count, checked at step 0.
+    allow_schedule: whether a callable or an :class:`AutoTau` is allowed.
   """
+  if isinstance(tau, AutoTau):
+    if not allow_schedule:
+      raise TypeError(
+        "AutoTau needs the statistics kept in gaf()'s state; pass a number"
+        " here, e.g. the tau optax_gaf.stats reports for a gaf(AutoTau()) run."
+      )
+    return check_auto_tau(tau)
   if callable(tau):
     if not allow_schedule:
       raise TypeError(
@@ -44,7 +116,43 @@ def tau_at(
   tau: optax.ScalarOrSchedule, count: jax.Array, dtype=jnp.float32
 ) -> jax.Array:
   """The threshold at step ``count``, in ``dtype`` (the statistics' dtype)."""
+  if isinstance(tau, AutoTau):
+    return jnp.asarray(tau.warmup_tau, dtype)
   return jnp.asarray(tau(count) if callable(tau) else tau, dtype)
+
+
+def init_chance_stats(shape: tuple[int, ...] = ()) -> jax.Array:
+  """Zeros ``[*shape, 3]``: the sums of :func:`record_chance` before step 1."""
+  return jnp.zeros((*shape, 3), jnp.float32)
+
+
+def auto_threshold(stats: jax.Array, auto: AutoTau, dtype) -> jax.Array:
+  """``max(floor, 1 - z * sigma)`` from ``stats [..., 3]``; ``[...]``."""
+  sq, count, seen = stats[..., 0], stats[..., 1], stats[..., 2]
+  sigma = jnp.sqrt(sq / jnp.maximum(count, jnp.finfo(jnp.float32).tiny))
+  adapted = jnp.clip(1.0 - auto.z * sigma, auto.floor, 2.0)
+  return jnp.where(seen >= auto.min_count, adapted, auto.warmup_tau).astype(
+    dtype
+  )
+
+
+def record_chance(
+  stats: jax.Array, distances: jax.Array, decay: float
+) -> jax.Array:
+  """Blends one step's negative similarities into ``stats [..., 3]``.
+
+  ``distances [..., N]`` are the rule's cosine distances; anchors (exact 0)
+  and unusable ones (NaN) are left out. The last entry counts every negative
+  similarity seen (it saturates at float32's integer range, far above any
+  ``min_count``).
+  """
+  sims = 1.0 - distances.astype(jnp.float32)
+  negative = jnp.isfinite(sims) & (sims < 0)
+  sq = jnp.sum(jnp.where(negative, sims**2, 0.0), axis=-1)
+  count = jnp.sum(negative, axis=-1, dtype=jnp.float32)
+  blended = decay * stats[..., :2] + (1.0 - decay) * jnp.stack([sq, count], -1)
+  seen = jnp.minimum(stats[..., 2] + count, 2.0**24)
+  return jnp.concatenate([blended, seen[..., None]], axis=-1)
 
 
 class AdaptiveTau(NamedTuple):

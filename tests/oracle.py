@@ -263,3 +263,24 @@ def near_mean(flat, tau):
   if accepted.sum() < 2:
     return None, accepted, dist
   return flat[accepted].mean(axis=0), accepted, dist
+
+
+def auto_tau(stats, z, min_count, warmup_tau, floor):
+  """AutoTau's threshold from ``(sq EMA, count EMA, seen)``, in float64."""
+  sq, count, seen = (float(x) for x in stats)
+  if seen < min_count:
+    return warmup_tau
+  sigma = np.sqrt(sq / count) if count > 0 else 0.0
+  return min(max(1.0 - z * sigma, floor), 2.0)
+
+
+def record_chance(stats, dist, decay):
+  """AutoTau's statistics after a step whose rule distances are ``dist``."""
+  sims = 1.0 - np.asarray(dist, np.float64)
+  neg = sims[np.isfinite(sims) & (sims < 0)]
+  sq, count, seen = (float(x) for x in stats)
+  return (
+    decay * sq + (1 - decay) * np.sum(neg**2),
+    decay * count + (1 - decay) * len(neg),
+    seen + len(neg),
+  )

@@ -429,13 +429,22 @@ CASES = {
     adaptive_tau=optax_gaf.AdaptiveTau(k=0.5, history=3 * n),
     **kw,
   ),
+  "auto_tau": lambda n, **kw: optax_gaf.gaf(
+    optax_gaf.AutoTau(min_count=2), num_microbatches=n, **kw
+  ),
+  "auto_tau_per_leaf": lambda n, **kw: optax_gaf.gaf(
+    optax_gaf.AutoTau(min_count=2),
+    granularity="per_leaf",
+    num_microbatches=n,
+    **kw,
+  ),
   "and_mask": lambda n, **kw: optax_gaf.and_mask(
     0.5, scale_grad_inverse_sparsity=True, **kw
   ),
   "adacons": lambda n, **kw: optax_gaf.adacons(0.9, num_microbatches=n, **kw),
 }
-# Cases whose state carries over (momentum, tau history) run two steps.
-TWO_STEPS = ("adaptive_tau", "adacons")
+# Cases whose state carries over (momentum, tau statistics) run two steps.
+TWO_STEPS = ("adaptive_tau", "auto_tau", "auto_tau_per_leaf", "adacons")
 
 
 @functools.cache

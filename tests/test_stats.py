@@ -26,7 +26,13 @@ DEFAULTS = {
   "gaf": (
     lambda: optax_gaf.gaf(0.5),
     lambda: GRADS,
-    ("accepted", "cosine_distance", "leaf_acceptance_rate", "tau_history"),
+    (
+      "accepted",
+      "cosine_distance",
+      "leaf_acceptance_rate",
+      "tau_history",
+      "chance_stats",
+    ),
   ),
   "and_mask": (
     lambda: optax_gaf.and_mask(0.5),
@@ -41,7 +47,13 @@ DEFAULTS = {
   "streamed": (
     lambda: optax_gaf.streamed(),
     _filtered,
-    ("accepted", "cosine_distance", "leaf_acceptance_rate", "tau_history"),
+    (
+      "accepted",
+      "cosine_distance",
+      "leaf_acceptance_rate",
+      "tau_history",
+      "chance_stats",
+    ),
   ),
 }
 
@@ -95,11 +107,15 @@ def test_and_mask_without_params_has_no_leaf_fractions():
       {"tau_history": (256,)},
     ),
     (
+      lambda: optax_gaf.gaf(optax_gaf.AutoTau(), granularity="per_leaf"),
+      {"chance_stats": (1, 3), "leaf_acceptance_rate": (1,)},
+    ),
+    (
       lambda: optax_gaf.adacons(0.5, num_microbatches=N),
       {"coefficients": (N,), "sorted_momentum": (N,)},
     ),
   ],
-  ids=["gaf_n", "gaf_per_leaf", "gaf_adaptive", "adacons_n"],
+  ids=["gaf_n", "gaf_per_leaf", "gaf_adaptive", "gaf_auto", "adacons_n"],
 )
 def test_fields_in_use_have_their_shapes(make, fields):
   tx = make()

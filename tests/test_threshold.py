@@ -1,11 +1,15 @@
 """The threshold tau: range checks at every entry point, schedules,
-inject_hyperparams and AdaptiveTau."""
+inject_hyperparams, AdaptiveTau and AutoTau."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import optax_gaf
 from optax_gaf import _threshold
@@ -151,3 +155,143 @@ def test_record_distances_keeps_the_last_m_in_order():
 def test_bad_adaptive_tau(adaptive_tau, error, match):
   with pytest.raises(error, match=match):
     optax_gaf.gaf(0.9, adaptive_tau=adaptive_tau)
+
+
+# --- AutoTau
+
+
+def _auto_run(rule, granularity, steps=6, n=6, seed=0):
+  """AutoTau through jitted gaf steps, and the float64 oracle alongside.
+
+  Yields ``(state, leaves, want_taus)``: ``want_taus`` has one threshold per
+  leaf (per leaf) or one (global), from the oracle's own statistics.
+  """
+  cfg = optax_gaf.AutoTau(z=1.5, decay=0.8, min_count=3, floor=0.2)
+  tx = optax_gaf.gaf(
+    cfg, rule=rule, num_microbatches=n, granularity=granularity
+  )
+  params = {k: jnp.zeros(s) for k, s in zip("wbk", SHAPES)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(seed)
+  groups = len(SHAPES) if granularity == "per_leaf" else 1
+  stats = [(0.0, 0.0, 0.0)] * groups
+  for _ in range(steps):
+    want = [
+      oracle.auto_tau(s, cfg.z, cfg.min_count, cfg.warmup_tau, cfg.floor)
+      for s in stats
+    ]
+    grads = dict(zip("wbk", helpers.make_microgradients(rng, n, SHAPES, 0.4)))
+    leaves = jax.tree.leaves(grads)  # per leaf: in the state's order
+    _, state = update(grads, state, params)
+    yield state, leaves, want
+    parts = [leaves] if groups == 1 else [[x] for x in leaves]
+    for g, part in enumerate(parts):
+      dist = helpers.ORACLES[rule](oracle.flatten(part), want[g])[2]
+      assert not oracle.is_ambiguous(dist, want[g])
+      stats[g] = oracle.record_chance(stats[g], dist, cfg.decay)
+    np.testing.assert_allclose(
+      np.asarray(state.chance_stats).reshape(groups, 3), stats, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("rule", ["sequential", "pairwise", "medoid"])
+def test_auto_tau_follows_oracle_over_steps(rule):
+  taus = []
+  for state, leaves, want in _auto_run(rule, "global"):
+    assert float(state.tau) == pytest.approx(want[0], abs=1e-5)
+    dist = helpers.ORACLES[rule](oracle.flatten(leaves), want[0])[2]
+    np.testing.assert_allclose(state.cosine_distance, dist, atol=2e-5)
+    taus.append(want[0])
+  assert taus[0] == 1.0 and min(taus) < 0.99  # warm-up, then adapted
+
+
+def test_auto_tau_per_leaf_keeps_one_threshold_per_leaf():
+  spread = []
+  for state, leaves, want in _auto_run("sequential", "per_leaf"):
+    assert state.chance_stats.shape == (len(SHAPES), 3)
+    assert float(state.tau) == pytest.approx(np.mean(want), abs=1e-5)
+    for leaf, tau, got in zip(leaves, want, state.accepted):
+      accepted = oracle.sequential(oracle.flatten([leaf]), tau)[1]
+      np.testing.assert_array_equal(got, accepted)
+    spread.append(np.ptp(want))
+  assert max(spread) > 0.01  # the leaves did get different thresholds
+
+
+def test_auto_tau_state_keeps_its_shapes():
+  tx = optax_gaf.gaf(optax_gaf.AutoTau(), num_microbatches=4)
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  new = jax.eval_shape(tx.update, jnp.ones((4, 3)), state, params)[1]
+  shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
+  assert shapes(new) == shapes(state)
+  assert all(x.size for x in jax.tree.leaves(state))  # no zero-size arrays
+  assert optax_gaf.gaf().init(params).chance_stats is None  # default: off
+
+
+def test_auto_tau_under_inject_hyperparams_and_process():
+  inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  tx = optax_gaf.process(
+    optax.identity(), optax_gaf.gaf(optax_gaf.AutoTau(min_count=1)), inner
+  )
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  grads = jnp.array([[1.0, 0.0], [-1.0, 0.1]])  # similarity about -0.99
+  _, state = jax.jit(tx.update)(grads, state, params)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  assert float(optax_gaf.stats(state)["tau"]) == 0.0  # 1 - 1.5 * 0.99 < 0
+  assert int(optax_gaf.stats(state)["skipped_steps"]) == 2
+
+
+@pytest.mark.parametrize(
+  "auto, error, match",
+  [
+    (optax_gaf.AutoTau(z=0.0), ValueError, "z"),
+    (optax_gaf.AutoTau(z=float("inf")), ValueError, "z"),
+    (optax_gaf.AutoTau(decay=1.0), ValueError, "decay"),
+    (optax_gaf.AutoTau(min_count=2.0), TypeError, "min_count"),
+    (optax_gaf.AutoTau(min_count=0), ValueError, "min_count"),
+    (optax_gaf.AutoTau(warmup_tau=3.0), ValueError, "warmup_tau"),
+    (optax_gaf.AutoTau(floor=-0.5), ValueError, "floor"),
+  ],
+)
+def test_bad_auto_tau(auto, error, match):
+  with pytest.raises(error, match=match):
+    optax_gaf.gaf(auto)
+
+
+def test_auto_tau_refused_with_adaptive_tau_and_in_streaming():
+  with pytest.raises(ValueError, match="drop adaptive_tau"):
+    optax_gaf.gaf(optax_gaf.AutoTau(), adaptive_tau=optax_gaf.AdaptiveTau())
+  for make in (_streaming, _accumulator):
+    with pytest.raises(TypeError, match="AutoTau needs"):
+      make(optax_gaf.AutoTau())
+
+
+DISTANCES = st.lists(
+  st.floats(0.0, 2.0, width=32) | st.just(float("nan")), min_size=1, max_size=8
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+  steps=st.lists(DISTANCES, min_size=1, max_size=4),
+  decay=st.floats(0.0, 0.999),
+  z=st.floats(0.1, 4.0),
+  min_count=st.integers(1, 6),
+)
+def test_chance_statistics_and_threshold_match_oracle(
+  steps, decay, z, min_count
+):
+  assume(any(d > 1.0 for dist in steps for d in dist))  # some negative one
+  auto = optax_gaf.AutoTau(z=z, decay=decay, min_count=min_count)
+  stats, want = _threshold.init_chance_stats(), (0.0, 0.0, 0.0)
+  for dist in steps:
+    stats = _threshold.record_chance(stats, jnp.asarray(dist), decay)
+    want = oracle.record_chance(want, dist, decay)
+  np.testing.assert_allclose(stats, want, rtol=1e-5, atol=1e-7)
+  got = float(_threshold.auto_threshold(stats, auto, jnp.float32))
+  assert got == pytest.approx(
+    oracle.auto_tau(want, z, min_count, auto.warmup_tau, auto.floor),
+    abs=1e-5,
+  )
