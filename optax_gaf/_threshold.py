@@ -63,9 +63,7 @@ def check_auto_tau(auto: AutoTau) -> None:
     raise ValueError(f"AutoTau.z must be a finite number > 0; got {z}.")
   if not 0.0 <= decay < 1.0:
     raise ValueError(f"AutoTau.decay must lie in [0, 1); got {decay}.")
-  if isinstance(min_count, bool) or not isinstance(
-    min_count, int | np.integer
-  ):
+  if isinstance(min_count, bool) or not isinstance(min_count, int | np.integer):
     raise TypeError(f"AutoTau.min_count must be an int; got {min_count!r}.")
   if min_count < 1:
     raise ValueError(f"AutoTau.min_count must be >= 1; got {min_count}.")

@@ -1,8 +1,9 @@
 """The harness's training loop against float64 oracles; CLI smoke tests.
 
 The harness is ``benchmarks/harness/``; the CLIs are
-``python -m benchmarks.noisy_labels`` and
-``python -m benchmarks.noisy_labels_table``.
+``python -m benchmarks.noisy_labels``,
+``python -m benchmarks.noisy_labels_table`` and
+``python -m benchmarks.choosing_tau``.
 """
 
 import csv
@@ -19,6 +20,7 @@ import pytest
 from flax import nnx
 
 import optax_gaf
+from benchmarks import choosing_tau
 from benchmarks import noisy_labels
 from benchmarks import noisy_labels_table
 from benchmarks.harness import datasets
@@ -534,3 +536,69 @@ def test_evaluate_in_chunks_matches_one_call():
     assert got == pytest.approx(expected, abs=1e-6), chunk
   zeros = jnp.zeros(23)
   assert noisy_labels._evaluate(accuracy, None, pred, y, zeros, chunk=5) == 0.0
+
+
+# --- benchmarks.choosing_tau
+
+
+def _choosing_tau(tmp_path, *noise):
+  return choosing_tau.main(
+    ["--ns", "2", "--per-class", "1", "--optimizers", "sgd", "--seeds", "2"]
+    + ["--taus", "0.8", "--steps", "6", "--chunk", "4", "--out", str(tmp_path)]
+    + ["--noise", *noise]
+  )
+
+
+def test_choosing_tau_writes_results_and_resumes(tmp_path):
+  first = _choosing_tau(tmp_path, "0.4")
+  key = "mlp/N=2/per_class=1/noise=0.4/sgd"
+  assert list(first) == [key]
+  rows = first[key]["rows"]
+  assert sorted((r["method"], r["seed"]) for r in rows) == [
+    (m, s) for m in ("auto", "average", "tau=0.8") for s in (0, 1)
+  ]
+  for r in rows:
+    assert 0.0 <= r["val_acc"] <= 1.0 and 0.0 <= r["memorisation"] <= 1.0
+    if r["method"] == "average":  # tau=2 accepts every microgradient
+      assert r["acceptance"] == 1.0 and r["skip_rate"] == 0.0
+      assert r["final_tau"] == 2.0
+    if r["method"] == "auto":  # warm-up: AutoTau starts at tau = 1
+      assert 0.0 <= r["final_tau"] <= 1.0
+  text = (tmp_path / "choosing_tau.md").read_text()
+  assert "| setting | best tau |" in text and f"| {key} |" in text
+  assert "within 1.5 points of the best swept tau" in text
+  assert (tmp_path / "choosing_tau.png").stat().st_size > 10_000
+  # A second call runs only the new setting and keeps the first one's rows.
+  second = _choosing_tau(tmp_path, "0.4", "0")
+  assert second[key] == first[key]
+  clean = second["mlp/N=2/per_class=1/noise=0/sgd"]["rows"]
+  assert all(r["memorisation"] == 0.0 for r in clean)  # nothing corrupted
+  assert "At 0% noise" in (tmp_path / "choosing_tau.md").read_text()
+
+
+def test_choosing_tau_compare_picks_the_best_swept_tau():
+  def rows(method, vals):
+    return [
+      dict(method=method, seed=i, val_acc=v, memorisation=0.0,
+           acceptance=1.0, skip_rate=0.0, final_tau=0.8)
+      for i, v in enumerate(vals)
+    ]  # fmt: skip
+
+  summary = choosing_tau.summarize(
+    rows("average", [0.6, 0.7])
+    + rows("tau=0.97", [0.7, 0.7])
+    + rows("tau=0.8", [0.9, 0.8])
+    + rows("auto", [0.84, 0.84])
+  )
+  assert summary["tau=0.8"]["val_acc"] == pytest.approx((0.85, 0.05))
+  got = choosing_tau.compare(summary)
+  assert got["best"] == "tau=0.8"
+  assert got["auto_minus_best"] == pytest.approx(-1.0)
+  assert got["auto_minus_average"] == pytest.approx(19.0)
+  assert got["auto_minus_0.97"] == pytest.approx(14.0)
+
+
+def test_choosing_tau_rejects_bad_options():
+  for bad in (["--ns", "1"], ["--taus", "2.5"], ["--seeds", "0"]):
+    with pytest.raises(SystemExit):
+      choosing_tau.parse_args(bad)
