@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import optax_gaf
 from benchmarks.collectives import collective_ops
 from benchmarks.collectives import statistics_bytes
+from tests import helpers
 from tests import oracle
 
 D = 8
@@ -148,6 +149,24 @@ def test_jit_updates_take_the_params_shardings(axis_type, axis_name, set_mesh):
     want = tuple(SPECS[k]) if axis_type == "Explicit" else ()
     assert _spec(u) == want + (None,) * (u.ndim - len(want)), k
   assert _moved(hlo, n, len(SHAPES))[2] == len(SHAPES)  # each leaf moved once
+
+
+def test_jit_auto_tau_matches_one_device_and_keeps_shardings():
+  n = 2 * D
+  mesh = _mesh()
+  agg = optax_gaf.gaf(optax_gaf.AutoTau(min_count=2), num_microbatches=n)
+  params = _params(mesh)
+  local = jax.tree.map(np.asarray, params)
+  sharded, single = agg.init(None), agg.init(None)
+  for seed in (1, 2, 3):
+    grads = _microgradients(n, seed=seed)
+    g = jax.device_put(grads, NamedSharding(mesh, P("data")))
+    updates, sharded = jax.jit(agg.update)(g, sharded, params)
+    want, single = jax.jit(agg.update)(grads, single, local)
+    helpers.assert_close((updates, sharded), (want, single))
+    for k, u in updates.items():
+      assert _spec(u) == tuple(SPECS[k]) + (None,) * (u.ndim - len(SPECS[k]))
+  assert float(sharded.tau) < 1.0  # adapted after the warm-up
 
 
 def test_jit_two_axis_mesh():
