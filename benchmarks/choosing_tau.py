@@ -16,8 +16,9 @@ the memorisation of the corrupted training labels and the acceptance rate.
 * Seed ``s`` fixes the label corruption, the microbatch order and the init.
 
 Results go to ``<out>/choosing_tau.json`` after every setting, so an
-interrupted run resumes where it stopped (``--fresh`` starts over). The table
-and the plot are written from that file by ``--report`` (also at the end).
+interrupted run resumes where it stopped (``--fresh`` starts over), and runs
+with other options add their settings to it. The table and the plot are
+written from every setting in that file, at the end and by ``--report``.
 
 Reproduce the committed results (from the repository root; see the docs page
 "Choosing tau" for the grid and the time it took)::
@@ -407,16 +408,19 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def report(results: dict, out: str, command: str) -> None:
+def report(results: dict, out: str) -> None:
+  """``choosing_tau.md`` and ``.png`` from every stored setting."""
+  minutes = sum(e["seconds"] for e in results.values()) / 60
+  commands = dict.fromkeys(e.get("command", "?") for e in results.values())
   with open(os.path.join(out, "choosing_tau.md"), "w") as f:
-    minutes = sum(e["seconds"] for e in results.values()) / 60
     f.write(
-      f"Command: `{command.strip()}` ({len(results)} settings,"
-      f" {minutes:.0f} minutes of training; {jax.default_backend().upper()},"
-      f" {os.cpu_count()} cores)\n\n{verdict(results)}\n\n"
+      "Reproduce (from the repository root): "
+      + " and ".join(f"`{c}`" for c in commands)
+      + f". {len(results)} settings, {minutes:.0f} minutes of training"
+      f" ({jax.default_backend().upper()}, {os.cpu_count()} cores).\n\n"
+      f"{verdict(results)}\n\n{table(results)}\n\n"
+      f"Acceptance rate against tau:\n\n{acceptance_table(results)}\n"
     )
-    f.write(f"{table(results)}\n\nAcceptance rate against tau:\n\n")
-    f.write(acceptance_table(results) + "\n")
   plot(results, os.path.join(out, "choosing_tau.png"))
 
 
@@ -437,6 +441,7 @@ def main(argv=None) -> dict:
   )
   todo = [s for s in settings if setting_key(*s) not in results]
   runs = (len(args.taus) + 2) * args.seeds
+  command = " ".join(["python -m benchmarks.choosing_tau", *(argv or [])])
   if not args.report and todo:
     with tqdm(total=len(todo) * runs * args.steps, unit="step") as progress:
       for setting in todo:
@@ -447,22 +452,14 @@ def main(argv=None) -> dict:
           "rows": rows,
           "seconds": time.perf_counter() - start,
           "steps": args.steps,
+          "command": command,
         }
         with open(path, "w") as f:
           json.dump(results, f, indent=1)
-  done = {
-    setting_key(*s): results[setting_key(*s)]
-    for s in settings
-    if setting_key(*s) in results
-  }
-  if done:
-    report(
-      done,
-      args.out,
-      "python -m benchmarks.choosing_tau " + " ".join(argv or []),
-    )
-    print(verdict(done))
-  return done
+  if results:  # every stored setting, also those of earlier commands
+    report(results, args.out)
+    print(verdict(results))
+  return results
 
 
 if __name__ == "__main__":

@@ -567,6 +567,8 @@ def test_choosing_tau_writes_results_and_resumes(tmp_path):
   text = (tmp_path / "choosing_tau.md").read_text()
   assert "| setting | best tau |" in text and f"| {key} |" in text
   assert "within 1.5 points of the best swept tau" in text
+  assert "Reproduce (from the repository root): `python -m" in text
+  assert first[key]["command"].startswith("python -m benchmarks.choosing_tau")
   assert (tmp_path / "choosing_tau.png").stat().st_size > 10_000
   # A second call runs only the new setting and keeps the first one's rows.
   second = _choosing_tau(tmp_path, "0.4", "0")
