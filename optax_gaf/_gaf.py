@@ -354,9 +354,8 @@ def gaf(
 
   Args:
     tau: cosine distance threshold in ``[0, 2]``, a schedule of the step
-      count, or an :class:`AutoTau` (a threshold from the chance agreement of
-      the microgradients, no tuning). ``tau=2`` accepts everything (the plain
-      mean).
+      count, or an :class:`AutoTau` (nothing to tune). ``tau=2`` accepts
+      everything (the plain mean).
     rule: ``"sequential"`` (the paper's), ``"pairwise"``, ``"medoid"``,
       ``"soft"`` (:mod:`optax_gaf.rules`) or a :class:`~optax_gaf.rules.Rule`.
     num_microbatches: N. When given, the state records ``accepted`` and
