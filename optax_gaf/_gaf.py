@@ -323,7 +323,8 @@ def _update(config: _Config, grads, state, params=None, **extra_args):
   )
   tau = _threshold_of(config, state, leaves)
   updates, out, diversity = _route(config, placement, leaves, tau)
-  decay = getattr(config.tau, "decay", None)  # AutoTau's
+  auto = isinstance(config.tau, _threshold.AutoTau)
+  decay = config.tau.decay if auto else None
   return treedef.unflatten(updates), _record(state, out, tau, diversity, decay)
 
 

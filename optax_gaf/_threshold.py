@@ -45,6 +45,18 @@ class AutoTau(NamedTuple):
     warmup_tau: the threshold until then (1: accept any positive agreement).
     floor: the lowest threshold ``tau_t`` may take.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax_gaf
+    >>> tx = optax_gaf.gaf(optax_gaf.AutoTau(min_count=1), num_microbatches=2)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> grads = jnp.array([[1.0, 0.0], [-0.2, 1.0]])  # similarity -0.196
+    >>> _, state = tx.update(grads, state)
+    >>> float(state.tau)  # warm-up: no negative similarity seen before
+    1.0
+    >>> _, state = tx.update(grads, state)
+    >>> round(float(state.tau), 3)  # 1 - 2 * 0.196
+    0.608
+
   References:
     ``docs/guides/choosing_tau.md`` (measurements and failure modes).
   """
