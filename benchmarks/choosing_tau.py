@@ -43,6 +43,7 @@ from flax import nnx
 import optax_gaf
 from benchmarks.harness import datasets
 from benchmarks.harness import models
+from benchmarks.harness import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVERAGE_TAU = 2.0  # accepts every usable microgradient: the plain mean
@@ -89,13 +90,6 @@ def setting_key(model, n, per_class, noise, optimizer) -> str:
   return f"{model}/N={n}/per_class={per_class}/noise={noise:g}/{optimizer}"
 
 
-def _inner(optimizer: str) -> optax.GradientTransformation:
-  lr = LEARNING_RATES[optimizer]
-  if optimizer == "sgd":
-    return optax.sgd(lr, momentum=0.9)
-  return optax.adamw(lr, weight_decay=5e-4)
-
-
 def _data(noise: float, seed: int, n: int, per_class: int, steps: int):
   data = datasets.symmetric_label_noise(datasets.load_digits(), noise, seed)
   idx = datasets.class_balanced_microbatches(
@@ -126,7 +120,8 @@ def make_program(model: str, n: int, optimizer: str, auto: bool, data):
   def tx(tau):
     threshold = optax_gaf.AutoTau() if auto else tau
     gaf = optax_gaf.gaf(threshold, num_microbatches=n)
-    return optax_gaf.process(optax.identity(), gaf, _inner(optimizer))
+    inner = training.make_inner(optimizer, LEARNING_RATES[optimizer])
+    return optax_gaf.process(optax.identity(), gaf, inner)
 
   def logits(params, x):
     return nnx.merge(graphdef, params)(x)
@@ -154,8 +149,8 @@ def make_program(model: str, n: int, optimizer: str, auto: bool, data):
       return (params, opt_state), (s["acceptance_rate"], s["ready"], s["tau"])
 
     # XLA:CPU runs convolutions in a loop body slowly (jax-ml/jax#12868):
-    # conv nets unroll their chunk of steps instead.
-    return jax.lax.scan(step, state, idx, unroll=model != "mlp")
+    # there conv nets unroll their chunk of steps instead.
+    return jax.lax.scan(step, state, idx, unroll=training.use_stepwise(model))
 
   def evaluate(state, labels, corrupted):
     params = state[0]
