@@ -232,31 +232,28 @@ def test_bfloat16_up_to_its_range(n):
 CROSS_DEVICE_CASES = [(1e-30, None), (1.0, None), (1e30, None), (1.0, 1e20)]
 
 
-@pytest.mark.parametrize("collective", ["all_to_all", "all_gather"])
-def test_shard_map_over_4_devices(collective):
-  n = 8
+def _check_cross_device_cases(update, n, label):
+  """``update`` against the oracle at every ``CROSS_DEVICE_CASES`` scale."""
   base = _base(n)
-  update = _shard_map_update(n, collective)
   for norm, factor in CROSS_DEVICE_CASES:
     flat = base * norm
     if factor:
       flat[1] *= factor
     leaves = _leaves(flat, jnp.float32)
-    what = f"shard_map {collective}, norm {norm:g}, factor {factor}"
+    what = f"{label}, norm {norm:g}, factor {factor}"
     _check(update(leaves), _as_seen(leaves), 1e-5, what)
+
+
+@pytest.mark.parametrize("collective", ["all_to_all", "all_gather"])
+def test_shard_map_over_4_devices(collective):
+  n = 8
+  update = _shard_map_update(n, collective)
+  _check_cross_device_cases(update, n, f"shard_map {collective}")
 
 
 def test_plain_jit_with_explicit_sharding():
   n = 8
-  base = _base(n)
-  update = _explicit_update(n)
-  for norm, factor in CROSS_DEVICE_CASES:
-    flat = base * norm
-    if factor:
-      flat[1] *= factor
-    leaves = _leaves(flat, jnp.float32)
-    what = f"explicit sharding, norm {norm:g}, factor {factor}"
-    _check(update(leaves), _as_seen(leaves), 1e-5, what)
+  _check_cross_device_cases(_explicit_update(n), n, "explicit sharding")
 
 
 def _float64_errors(n, rules):
