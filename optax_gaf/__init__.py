@@ -13,7 +13,10 @@ from optax_gaf._and_mask import AndMaskState
 from optax_gaf._and_mask import and_mask
 from optax_gaf._gaf import GAFState
 from optax_gaf._gaf import gaf
+from optax_gaf._gaf import ghost_grads
 from optax_gaf._gaf import streamed
+from optax_gaf._ghost import GhostMicrogradients
+from optax_gaf._ghost import ghost_microgradients
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
 from optax_gaf._placement import Placement
@@ -36,12 +39,15 @@ __all__ = (
   "AndMaskState",
   "FilteredGradients",
   "GAFState",
+  "GhostMicrogradients",
   "Placement",
   "RuleOutput",
   "adacons",
   "and_mask",
   "gaf",
   "gaf_accumulator",
+  "ghost_grads",
+  "ghost_microgradients",
   "microbatch_grads",
   "process",
   "resolve_placement",

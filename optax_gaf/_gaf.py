@@ -18,6 +18,7 @@ from optax.experimental import aggregating
 
 from optax_gaf import _blockwise
 from optax_gaf import _checks
+from optax_gaf import _ghost
 from optax_gaf import _gram
 from optax_gaf import _placement
 from optax_gaf import _stats
@@ -314,13 +315,34 @@ def _init(config: _Config, params) -> GAFState:
   return _init_state(tau0, config.num_microbatches, n_leaves, n_history, auto)
 
 
+def _ghost_input(config: _Config, ghost, state: GAFState):
+  """Ghost microgradients are their own placement, on one device."""
+  if config.axis_name is not None or config.sharded_params:
+    raise ValueError(
+      "ghost_microgradients captures one device's layers; gaf(axis_name=...)"
+      " and sharded_params need stacked microgradients from"
+      " microbatch_grads (or use plain jax.jit over sharded arrays)."
+    )
+  leaves = ghost.virtual_leaves
+  if config.per_leaf and state.leaf_acceptance_rate.shape[0] != len(leaves):
+    raise ValueError(
+      f"gaf(granularity='per_leaf') was initialised for"
+      f" {state.leaf_acceptance_rate.shape[0]} leaves but got ghost"
+      f" microgradients of {len(leaves)}."
+    )
+  return leaves, ghost.treedef, ghost
+
+
 def _update(config: _Config, grads, state, params=None, **extra_args):
   del extra_args  # e.g. value= for reduce_on_plateau, later in the chain
-  leaves, treedef = _validate(config, grads, state, params)
-  params = _placement.param_leaves(treedef, params, config.sharded_params)
-  placement = _placement.resolve_placement(
-    leaves, config.axis_name, config.collective, params
-  )
+  if isinstance(grads, _ghost.GhostMicrogradients):
+    leaves, treedef, placement = _ghost_input(config, grads, state)
+  else:
+    leaves, treedef = _validate(config, grads, state, params)
+    params = _placement.param_leaves(treedef, params, config.sharded_params)
+    placement = _placement.resolve_placement(
+      leaves, config.axis_name, config.collective, params
+    )
   tau = _threshold_of(config, state, leaves)
   updates, out, diversity = _route(config, placement, leaves, tau)
   auto = isinstance(config.tau, _threshold.AutoTau)
@@ -467,3 +489,70 @@ def streamed(num_microbatches: int | None = None) -> aggregating.Aggregator:
     )
 
   return aggregating.Aggregator(init_fn, update_fn)
+
+
+def ghost_grads(
+  loss_fn: Any,
+  num_microbatches: int,
+  tau: float | jax.Array,
+  *,
+  rule: str | rules.Rule = "sequential",
+  has_aux: bool = False,
+  route: str = "auto",
+) -> Any:
+  """:func:`streaming_grads`' contract on :func:`ghost_microgradients`.
+
+  Filters inside the gradient function and returns
+  :class:`FilteredGradients` for :func:`streamed`, with no N x P arrays.
+  For schedules, :class:`AdaptiveTau`, :class:`AutoTau` or ``per_leaf``
+  (which keep state) pass :func:`ghost_microgradients`' output to
+  :func:`gaf` instead.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)``
+      with ``has_aux=True``), the scalar mean loss of one microbatch.
+    num_microbatches: N; the batch size must be a multiple of it.
+    tau: the cosine distance threshold in ``[0, 2]``, a scalar.
+    rule: any rule :func:`gaf` takes: a name or a
+      :class:`~optax_gaf.rules.Rule`.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    route: as in :func:`ghost_microgradients`.
+
+  Returns:
+    ``fn(params, batch, *args) -> (losses, filtered)`` as
+    :func:`streaming_grads` returns.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_gaf
+    >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
+    >>> batch = {"x": jnp.eye(4, 3), "y": jnp.array([1.0, 1.0, -1.0, 0.0])}
+    >>> grad_fn = optax_gaf.ghost_grads(loss, 4, tau=0.9)
+    >>> tx = optax_gaf.process(optax.identity(),
+    ...     optax_gaf.streamed(num_microbatches=4), optax.sgd(0.1))
+    >>> params = jnp.zeros(3)
+    >>> state = tx.init(params)
+    >>> losses, filtered = grad_fn(params, batch)
+    >>> updates, state = tx.update(filtered, state, params)
+    >>> optax_gaf.stats(state)["ready"]  # orthogonal: nothing agrees
+    Array(False, dtype=bool)
+  """
+  _threshold.check_tau(tau, allow_schedule=False)
+  config = _configure(
+      tau, rule, num_microbatches, None, "all_to_all", False, "global", None,
+      None,
+  )  # fmt: skip
+  grad_fn = _ghost.ghost_microgradients(
+    loss_fn, num_microbatches, has_aux=has_aux, route=route
+  )
+
+  def fn(params, batch, *args):
+    values, ghost = grad_fn(params, batch, *args)
+    leaves = ghost.virtual_leaves
+    t = jnp.asarray(tau, _gram.stat_dtype(leaves))
+    updates, out, diversity = _route(config, ghost, leaves, t)
+    filtered = _streaming.filtered(
+      ghost.treedef.unflatten(updates), out, tau, diversity
+    )
+    return values, filtered
+
+  return fn

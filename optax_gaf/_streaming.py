@@ -73,7 +73,7 @@ def _check_stream_args(tau, rule) -> float:
   return shrink
 
 
-def _filtered(updates, out, tau, diversity) -> FilteredGradients:
+def filtered(updates, out, tau, diversity) -> FilteredGradients:
   return FilteredGradients(
     updates=updates,
     ready=out.ready,
@@ -135,14 +135,14 @@ def gaf_accumulator(
 
   def finalize(carry):
     updates, out, diversity = _blockwise.finish(carry, shrink, meta["dtypes"])
-    return _filtered(meta["treedef"].unflatten(updates), out, tau, diversity)
+    return filtered(meta["treedef"].unflatten(updates), out, tau, diversity)
 
   def aggregate(values):
     leaves, treedef = jax.tree.flatten(values)
     carry = _blockwise.filter_blocks(leaves, tau, shrink)
     dtypes = [x.dtype for x in leaves]
     updates, out, diversity = _blockwise.finish(carry, shrink, dtypes)
-    return _filtered(treedef.unflatten(updates), out, tau, diversity)
+    return filtered(treedef.unflatten(updates), out, tau, diversity)
 
   return optax.microbatching.Accumulator(init, update, finalize, aggregate)
 

@@ -1,0 +1,455 @@
+"""Ghost microgradients: the Gram matrix and the combine from layer captures.
+
+For a layer ``y = x W`` read by microbatch n at tokens ``s`` (inputs
+``x_ns``, output gradients ``d_ns``) the microgradient is ``g_n = x_n^T d_n``,
+so
+
+- ``<g_n, g_m> = sum_{s,t} (x_ns . x_mt) (d_ns . d_mt)``: the Gram matrix
+  without any microgradient (the "ghost norm" of DP-SGD, Goodfellow 2015;
+  Li et al. 2021, extended to all inner products), and
+- ``sum_n w_n g_n = x^T (w * d)``: one weight-gradient matmul, the one a
+  plain backward pass does (the "book-keeping" trick of Bu et al. 2022).
+
+Per layer the cheaper route is taken: ghost costs about ``(N S)^2 (K + J)``,
+forming that layer's N microgradients about ``N S K J + N^2 K J`` (S tokens
+per microbatch, K inputs, J outputs). Direct leaves (see ``_layers``) come
+with their per-microbatch gradients from autodiff.
+
+:class:`GhostMicrogradients` is a placement: ``gaf`` asks it for the Gram
+matrix and the weighted sum exactly as it asks a device placement, so every
+rule, threshold and state works unchanged.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_gaf import _checks
+from optax_gaf import _gram
+from optax_gaf import _layers
+from optax_gaf import _microbatching
+
+ROUTES = ("auto", "ghost", "materialize")
+
+
+def _dot_layout(site: _layers.Site):
+  """Batch, free and contracted dims of ``x``, and the output's permutation.
+
+  Returns ``(x_perm, out_perm, sizes)``: ``x.transpose(x_perm)`` is
+  ``[batch, free, contracted]``; ``out.transpose(out_perm)`` is
+  ``[batch, x free, w free]``; ``sizes = (Hb, S, K, J)``.
+  """
+  (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+  p = site.param_pos
+  xc, xb = (rc, rb) if p == 0 else (lc, lb)
+  x_shape = site.eqn.invars[1 - p].aval.shape
+  xf = [i for i in range(len(x_shape)) if i not in xc and i not in xb]
+  nb, nxf = len(xb), len(xf)
+  nwf = len(site.out.shape) - nb - nxf
+  if p == 1:  # out: [batch, x free, w free]
+    out_perm = list(range(len(site.out.shape)))
+  else:  # out: [batch, w free, x free]
+    b, wf = list(range(nb)), list(range(nb, nb + nwf))
+    out_perm = b + list(range(nb + nwf, nb + nwf + nxf)) + wf
+  size = lambda dims: math.prod(x_shape[i] for i in dims)
+  hb, s, k = size(xb), size(xf), size(xc)
+  j = math.prod(site.out.shape) // max(hb * s, 1)
+  return list(xb) + xf + list(xc), out_perm, (hb, s, k, j)
+
+
+def _canonical(site, x, d):
+  """``x`` as ``[N, Hb, S, K]`` and ``d`` as ``[N, Hb, S, J]``."""
+  x_perm, out_perm, (hb, s, k, j) = _dot_layout(site)
+  n = x.shape[0]
+  x = x.transpose([0] + [1 + i for i in x_perm]).reshape(n, hb, s, k)
+  d = d.transpose([0] + [1 + i for i in out_perm]).reshape(n, hb, s, j)
+  return x, d
+
+
+def _take_rows(site) -> bool:
+  """Whether a gather site is ``table[ids]`` (an embedding lookup)."""
+  dn = site.eqn.params["dimension_numbers"]
+  table = site.operand.shape
+  out_rank = len(site.out.shape)
+  return (
+    site.param_pos == 0
+    and tuple(dn.collapsed_slice_dims) == (0,)
+    and tuple(dn.start_index_map) == (0,)
+    and not dn.operand_batching_dims
+    and tuple(site.eqn.params["slice_sizes"]) == (1, *table[1:])
+    and tuple(dn.offset_dims)
+    == tuple(range(out_rank - len(table) + 1, out_rank))
+    and site.eqn.invars[1].aval.shape[-1] == 1
+  )
+
+
+def ghost_cost(site, n: int) -> float | None:
+  """FLOPs of the ghost Gram matrix of one site, or None if it has none."""
+  if site.kind == "dot_general":
+    hb, s, k, j = _dot_layout(site)[2]
+    return hb * (n * s) ** 2 * (k + j)
+  if site.kind == "gather" and _take_rows(site):
+    rows = math.prod(site.eqn.invars[1].aval.shape[:-1])
+    return (n * rows) ** 2 * math.prod(site.operand.shape[1:])
+  return None
+
+
+def materialize_cost(site, n: int) -> float:
+  """FLOPs of forming a ghost-able site's N microgradients and their Gram."""
+  p = math.prod(site.operand.shape)
+  if site.kind == "dot_general":
+    hb, s, k, j = _dot_layout(site)[2]
+    return n * hb * s * k * j + n * n * p
+  rows = math.prod(site.eqn.invars[1].aval.shape[:-1])
+  return n * rows * math.prod(site.operand.shape[1:]) + n * n * p
+
+
+def _ghost_gram(site, others, d, dtype):
+  """``[N, N]`` Gram matrix of one site from its captures alone."""
+  prec = _gram.PRECISION
+  if site.kind == "gather":
+    n = d.shape[0]
+    ids = others[0][..., 0].reshape(n, -1)
+    rows = site.operand.shape[0]
+    if site.eqn.params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
+      valid = (ids >= 0) & (ids < rows)
+    else:
+      ids, valid = jnp.clip(ids, 0, rows - 1), jnp.ones(ids.shape, bool)
+    d = d.reshape(n, ids.shape[1], -1)
+    dd = jnp.einsum(
+      "nsj,mtj->nsmt", d, d, precision=prec, preferred_element_type=dtype
+    )
+    same = ids[:, :, None, None] == ids[None, None, :, :]
+    same &= valid[:, :, None, None] & valid[None, None, :, :]
+    return jnp.sum(jnp.where(same, dd, 0), axis=(1, 3))
+  x, d = _canonical(site, others[0], d)
+  xx = jnp.einsum(
+    "nhsk,mhtk->hnsmt", x, x, precision=prec, preferred_element_type=dtype
+  )
+  dd = jnp.einsum(
+    "nhsj,mhtj->hnsmt", d, d, precision=prec, preferred_element_type=dtype
+  )
+  return jnp.einsum("hnsmt,hnsmt->nm", xx, dd, precision=prec)
+
+
+def per_example(site, others, d) -> jax.Array:
+  """The site's N microgradients ``[N, *operand]``, one layer at a time."""
+  zero = jnp.zeros(site.operand.shape, site.operand.dtype)
+
+  def one(others_n, d_n):
+    _, vjp = jax.vjp(lambda w: site.apply(w, others_n), zero)
+    return vjp(d_n.astype(site.out.dtype))[0]
+
+  return jax.vmap(one)(others, d)
+
+
+def weighted(site, others, wd) -> jax.Array:
+  """``sum_n`` of the site's microgradients at output gradients ``wd``."""
+  zero = jnp.zeros(site.operand.shape, site.operand.dtype)
+  layer = lambda w: jax.vmap(lambda o: site.apply(w, o))(others)
+  _, vjp = jax.vjp(layer, zero)
+  return vjp(wd.astype(site.out.dtype))[0]
+
+
+def _to_leaf(site, operand_grad, leaf_aval) -> jax.Array:
+  """Maps a gradient of the site's operand back to its parameter leaf."""
+  zero = jnp.zeros(leaf_aval.shape, leaf_aval.dtype)
+  _, vjp = jax.vjp(lambda leaf: _layers.replay_chain(site.chain, leaf), zero)
+  return vjp(operand_grad.astype(site.operand.dtype))[0]
+
+
+def _mask(ok, x):
+  """Zeros the rows of unusable microbatches (``0 * nan`` is nan)."""
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+def _scaled(x, f):
+  """``f_n x_n`` in the statistics' dtype, zero where ``f_n`` is 0."""
+  f = f.reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.where(f > 0, x.astype(f.dtype) * f, 0)
+
+
+class GhostMicrogradients:
+  """N microgradients held as layer captures; a placement for ``gaf``.
+
+  Made by :func:`ghost_microgradients`; pass it to :func:`optax_gaf.gaf` (or
+  ``process``/``chain`` with it) where stacked microgradients would go. It is
+  no pytree on purpose: a transform placed before ``gaf`` would otherwise
+  treat the captured activations as gradients. It lives inside one traced
+  train step.
+
+  Attributes:
+    num_microbatches: N.
+    treedef: the params' tree structure.
+    virtual_leaves: ``jax.ShapeDtypeStruct`` ``[N, *param_shape]`` per leaf:
+      the stacked microgradients this object stands for.
+    routes: per parameter leaf, ``"ghost"``, ``"materialize"``, ``"direct"``
+      or ``"unused"`` (how its Gram matrix is formed).
+  """
+
+  def __init__(self, plan, n, treedef, avals, captures, cotangents, direct,
+               routes):  # fmt: skip
+    self._plan, self._avals = plan, avals
+    self._captures, self._cotangents = captures, cotangents
+    self._direct = dict(zip(plan.direct, direct))
+    self._site = {s.leaf: k for k, s in enumerate(plan.sites)}
+    self.num_microbatches, self.treedef, self.routes = n, treedef, routes
+    self.virtual_leaves = [
+      jax.ShapeDtypeStruct((n, *a.shape), a.dtype) for a in avals
+    ]
+
+  def __jax_array__(self):
+    raise TypeError(
+      "GhostMicrogradients holds layer inputs and output gradients, not"
+      " stacked microgradients: pass it straight to optax_gaf.gaf() (or"
+      " process(optax.identity(), gaf(...), opt)). A transform of the"
+      " microgradients before gaf needs optax_gaf.microbatch_grads."
+    )
+
+  def num_microgradients(self, n_local: int) -> int:
+    del n_local
+    return self.num_microbatches
+
+  def _dtype(self):
+    return _gram.stat_dtype(self.virtual_leaves)
+
+  def _leaf_gram(self, i, f):
+    """``[N, N]`` Gram matrix of leaf i's microgradients (scaled by ``f``)."""
+    n, dtype = self.num_microbatches, self._dtype()
+    if i in self._direct:
+      g = self._direct[i]
+      return _gram.cross_gram(*(2 * [g if f is None else _scaled(g, f)]), dtype)
+    if i not in self._site:
+      return jnp.zeros((n, n), dtype)
+    k = self._site[i]
+    site, others = self._plan.sites[k], self._captures[k]
+    d = self._cotangents[k]
+    if f is not None:  # x to at most 1, d takes the rest: g_n to f_n g_n
+      others, d = _rescaled_captures(site, others, d, f)
+    if self.routes[i] == "ghost":
+      return _ghost_gram(site, others, d, dtype)
+    g = per_example(site, others, d)
+    return _gram.cross_gram(g, g, dtype)
+
+  def gram(self, leaves, per_leaf=False, factors=None) -> jax.Array:
+    """Stage 1, as ``Placement.gram`` (``leaves`` are the virtual ones)."""
+    del leaves
+    grams = []
+    for i in range(len(self._avals)):
+      f = None if factors is None else factors[i] if per_leaf else factors
+      grams.append(self._leaf_gram(i, f))
+    return jnp.stack(grams) if per_leaf else sum(grams[1:], grams[0])
+
+  def max_abs(self, leaves) -> jax.Array:
+    """``[L, N]`` bounds on each microgradient's largest entry, per leaf."""
+    del leaves
+    n, dtype = self.num_microbatches, self._dtype()
+    out = []
+    for i in range(len(self._avals)):
+      if i in self._direct:
+        out.append(_gram.max_abs([self._direct[i]])[0])
+      elif i in self._site:
+        k = self._site[i]
+        out.append(_site_scale(self._captures[k], self._cotangents[k], dtype))
+      else:
+        out.append(jnp.zeros([n], dtype))
+    return jnp.stack(out)
+
+  def combine(self, leaves, weights, usable) -> list[jax.Array]:
+    """Stage 3: ``sum_n w_n g_n`` per leaf, in each leaf's dtype."""
+    del leaves
+    out = []
+    for i, aval in enumerate(self._avals):
+      w = weights if weights.ndim == 1 else weights[i]
+      ok = usable if usable.ndim == 1 else usable[i]
+      if i in self._direct:
+        g = _gram.masked_tensordot(w, self._direct[i], ok)
+      elif i in self._site:
+        k = self._site[i]
+        site, d = self._plan.sites[k], self._cotangents[k]
+        others = [_mask(ok, x) for x in self._captures[k]]
+        wd = _mask(ok, d) * w.reshape((-1,) + (1,) * (d.ndim - 1)).astype(
+          d.dtype
+        )
+        g = _to_leaf(site, weighted(site, others, wd), aval)
+      else:
+        g = jnp.zeros(aval.shape, aval.dtype)
+      out.append(g.astype(aval.dtype))
+    return out
+
+
+def _site_scale(others, d, dtype):
+  """``max|x_n| * max|d_n|``: at least ``max|g_n| / S`` for a layer."""
+  n = d.shape[0]
+  scale = jnp.max(jnp.abs(d.reshape(n, -1)), axis=1).astype(dtype)
+  x = others[0]
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    scale *= jnp.max(jnp.abs(x.reshape(n, -1)), axis=1).astype(dtype)
+  return scale
+
+
+def _rescaled_captures(site, others, d, f):
+  """Captures whose microgradients are ``f_n g_n``, safe from overflow."""
+  x = others[0]
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return others, _scaled(d, f)
+  top = jnp.max(jnp.where(f.reshape((-1,) + (1,) * (x.ndim - 1)) > 0,
+                          jnp.abs(x), 0))  # fmt: skip
+  top = jnp.where(top > 0, top, 1).astype(f.dtype)
+  x = _scaled(x, jnp.where(f > 0, 1 / top, 0))
+  return [x, *others[1:]], _scaled(d, f * top)
+
+
+def _routes(plan, n: int, route: str) -> list[str]:
+  """Per leaf: how its Gram matrix is formed (see ``GhostMicrogradients``)."""
+  routes = ["direct" if i in plan.direct else "unused"
+            for i in range(plan.n_leaves)]  # fmt: skip
+  for site in plan.sites:
+    ghost = ghost_cost(site, n)
+    if ghost is None or route == "materialize":
+      routes[site.leaf] = "materialize"
+    elif route == "ghost" or ghost <= materialize_cost(site, n):
+      routes[site.leaf] = "ghost"
+    else:
+      routes[site.leaf] = "materialize"
+  return routes
+
+
+def _check_plan(plan, params, has_aux: bool) -> None:
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      raise TypeError(
+        f"ghost_microgradients differentiates every params leaf; leaf"
+        f" {jax.tree_util.keystr(path)} has dtype {jnp.result_type(x)}. Keep"
+        " non-float state out of params (pass it in the batch or *args)."
+      )
+  loss = plan.out_shape[0] if has_aux else plan.out_shape
+  if has_aux and not (isinstance(plan.out_shape, tuple)
+                      and len(plan.out_shape) == 2):  # fmt: skip
+    raise ValueError("With has_aux=True, loss_fn must return (loss, aux).")
+  if (
+    not hasattr(loss, "shape")
+    or loss.shape != ()
+    or not jnp.issubdtype(loss.dtype, jnp.floating)
+  ):
+    raise ValueError(
+      "loss_fn must return the scalar mean loss of one microbatch"
+      f" (with has_aux=True: (loss, aux)); got {loss}."
+    )
+
+
+def _capture(plan, n, params, micro, args, has_aux):
+  """One vmapped forward and backward: losses, aux and the layer captures."""
+  leaves = jax.tree.leaves(params)
+  stacked = [jnp.broadcast_to(leaves[i], (n, *leaves[i].shape))
+             for i in plan.direct]  # fmt: skip
+  zs = [jnp.zeros((n, *s.out.shape), s.out.dtype) for s in plan.sites]
+  arg_leaves = jax.tree.leaves(args)
+
+  def one(direct, z, mb):
+    full = list(leaves)
+    for i, x in zip(plan.direct, direct):
+      full[i] = x
+    outs, caps = _layers.run(plan, full + jax.tree.leaves(mb) + arg_leaves, z)
+    value = plan.out_tree.unflatten(outs)
+    loss = value[0] if has_aux else value
+    return loss, (value, caps)
+
+  def total(direct, z):
+    losses, rest = jax.vmap(one)(direct, z, micro)
+    return jnp.sum(losses), rest
+
+  grad = jax.grad(total, argnums=(0, 1), has_aux=True)
+  (direct, ds), (value, caps) = grad(stacked, zs)
+  return value, caps, ds, direct
+
+
+def ghost_microgradients(
+  loss_fn: Callable[..., Any],
+  num_microbatches: int,
+  *,
+  has_aux: bool = False,
+  route: str = "auto",
+) -> Callable[..., tuple[Any, GhostMicrogradients]]:
+  r"""Like :func:`optax_gaf.microbatch_grads`, without forming N x P arrays.
+
+  One forward and one backward pass over the batch capture, for every layer
+  that alone reads a parameter (``x @ W``, a convolution, an embedding
+  lookup), its inputs and output gradients. :func:`optax_gaf.gaf` then takes
+  the Gram matrix and the weighted sum from them (the ghost / book-keeping
+  technique of DP-SGD), so every rule, threshold, ``per_leaf``,
+  :class:`AutoTau` and the true skip work as on stacked microgradients.
+  Per layer the cheaper of two routes is taken: the ghost Gram matrix, or
+  forming that layer's N microgradients (an ``N x layer`` transient).
+  Parameters read any other way (LayerNorm scales, biases, tied weights,
+  inside ``lax.scan``) get per-microbatch gradients from autodiff. The model
+  is not changed: plain functions of a params pytree, Flax Linen ``apply``
+  and NNX ``nnx.merge`` inside ``loss_fn`` all work.
+
+  The microbatches are the contiguous slices of ``microbatch_grads``, and
+  ``loss_fn`` is called on each alone, so a loss that couples examples
+  (batch statistics, in-batch contrastive terms) couples them within a
+  microbatch only, exactly as on the other routes.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)``
+      with ``has_aux=True``), the scalar mean loss of one microbatch.
+    num_microbatches: N; the batch size must be a multiple of it.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    route: ``"auto"`` (the cheaper per layer), ``"ghost"`` or
+      ``"materialize"`` (for every layer that has both).
+
+  Returns:
+    ``fn(params, batch, *args) -> (losses, ghost)``: ``losses`` is ``[N]``
+    (or ``([N], aux with a leading N axis)``); ``ghost`` is a
+    :class:`GhostMicrogradients`, the input of :func:`optax_gaf.gaf` within
+    the same traced step.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_gaf
+    >>> def loss(p, b):
+    ...   return jnp.mean((jnp.tanh(b["x"] @ p["w"]) @ p["v"] - b["y"]) ** 2)
+    >>> params = {"w": jnp.ones((3, 4)) / 4, "v": jnp.ones(4)}
+    >>> batch = {"x": jnp.eye(8, 3), "y": jnp.arange(8.0)}
+    >>> tx = optax_gaf.process(optax.identity(), optax_gaf.gaf(0.97),
+    ...                        optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> _, ghost = optax_gaf.ghost_microgradients(loss, 8)(params, batch)
+    >>> updates, state = tx.update(ghost, state, params)
+    >>> ghost.routes, updates["v"].shape
+    (['materialize', 'ghost'], (4,))
+
+  References:
+    Goodfellow, `Efficient Per-Example Gradient Computations
+    <https://arxiv.org/abs/1510.01799>`_, 2015.
+
+    Bu, Mao and Xu, `Scalable and Efficient Training of Large Convolutional
+    Neural Networks with Differential Privacy
+    <https://arxiv.org/abs/2205.10683>`_, 2022.
+  """
+  n = _checks.num_microbatches(num_microbatches)
+  route = _checks.choice(route, "route", ROUTES)
+
+  def fn(params, batch, *args):
+    micro = _microbatching.split_microbatches(batch, n)
+    micro = jax.tree.map(jnp.asarray, micro)
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                       micro)  # fmt: skip
+    plan = _layers.find_sites(loss_fn, params, one, *args)
+    _check_plan(plan, params, has_aux)
+    value, caps, ds, direct = _capture(plan, n, params, micro, args, has_aux)
+    avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+             for x in jax.tree.leaves(params)]  # fmt: skip
+    ghost = GhostMicrogradients(
+      plan, n, jax.tree.structure(params), avals, caps, ds, direct,
+      _routes(plan, n, route),
+    )  # fmt: skip
+    return value, ghost
+
+  return fn

@@ -1,0 +1,212 @@
+"""The layers that read each parameter, found in the loss function's jaxpr.
+
+:func:`optax_gaf.ghost_microgradients` traces ``loss_fn(params, microbatch)``
+once and sorts every parameter leaf:
+
+- a **site** leaf is read by exactly one linear layer (``dot_general``,
+  ``conv_general_dilated`` or ``gather``), possibly through reshapes,
+  transposes and dtype casts. Its microgradient is a function of that layer's
+  other operand ``x`` and output gradient ``d`` alone, which :func:`run`
+  captures;
+- an **unused** leaf has a zero gradient;
+- every other leaf (LayerNorm scales, biases, tied weights, parameters read
+  inside a ``scan`` or a custom derivative) is **direct**: autodiff forms its
+  per-microbatch gradients, one copy of that leaf per microbatch.
+
+Nested ``jit`` calls are followed, so layers wrapped by ``jnp.take`` or a
+jitted block are found too.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jcore
+
+# Isometries of a tensor: they keep inner products, so a layer that reads a
+# parameter through them still has a ghost Gram matrix.
+_STRUCTURAL = frozenset(
+  {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims"}
+)
+# Primitives linear in one operand, and which operand may be the parameter.
+_LINEAR = {"dot_general": (0, 1), "conv_general_dilated": (1,), "gather": (0,)}
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Site:
+  """A linear layer that is the only reader of one parameter leaf.
+
+  Attributes:
+    path: the layer's equation index, through nested ``jit`` calls.
+    eqn: the layer's jaxpr equation.
+    param_pos: which operand of ``eqn`` is (derived from) the parameter.
+    leaf: the parameter's index in ``jax.tree.leaves(params)``.
+    chain: the structural equations from the leaf to that operand.
+  """
+
+  path: tuple[int, ...]
+  eqn: Any
+  param_pos: int
+  leaf: int
+  chain: tuple[Any, ...]
+
+  @property
+  def kind(self) -> str:
+    return self.eqn.primitive.name
+
+  @property
+  def operand(self) -> Any:
+    """The parameter operand's abstract value (shape and dtype)."""
+    return self.eqn.invars[self.param_pos].aval
+
+  @property
+  def out(self) -> Any:
+    return self.eqn.outvars[0].aval
+
+  def apply(self, w: jax.Array, others: Sequence[jax.Array]) -> jax.Array:
+    """The layer with the parameter operand ``w`` and the other operands."""
+    ins = list(others)
+    ins.insert(self.param_pos, w)
+    return _bind(self.eqn, ins)[0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+  """What :func:`find_sites` learnt from one trace of the loss function."""
+
+  jaxpr: Any  # ClosedJaxpr of loss_fn(params, microbatch, *args)
+  out_tree: Any
+  out_shape: Any
+  n_leaves: int
+  sites: tuple[Site, ...]
+  direct: tuple[int, ...]
+  unused: tuple[int, ...]
+
+
+def _bind(eqn, ins) -> list:
+  """Applies ``eqn``'s primitive to ``ins`` (as ``jax.core.eval_jaxpr``)."""
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
+  """Follows each parameter leaf through ``jaxpr``, recording its readers.
+
+  ``origins`` maps a variable derived from a leaf by structural ops to
+  ``(leaf, chain)``; ``uses[leaf]`` collects a :class:`Site` per linear
+  reader and None per any other reader.
+  """
+  for i, eqn in enumerate(jaxpr.eqns):
+    src = [
+      origins.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars
+    ]
+    if not any(src):
+      continue
+    name = eqn.primitive.name
+    if name in _STRUCTURAL and len(eqn.invars) == 1:
+      leaf, chain = src[0]
+      origins[eqn.outvars[0]] = (leaf, chain + (eqn,))
+    elif name in _CALLS and "jaxpr" in eqn.params:
+      inner = eqn.params["jaxpr"].jaxpr
+      inner_origins = {v: o for v, o in zip(inner.invars, src) if o}
+      _walk(inner, inner_origins, path + (i,), uses)
+      for outer, v in zip(eqn.outvars, inner.outvars):
+        if isinstance(v, jcore.Var) and v in inner_origins:
+          origins[outer] = inner_origins[v]
+    else:
+      readers = [k for k, o in enumerate(src) if o]
+      if len(readers) == 1 and readers[0] in _LINEAR.get(name, ()):
+        k = readers[0]
+        leaf, chain = src[k]
+        uses[leaf].append(Site(path + (i,), eqn, k, leaf, chain))
+      else:
+        for o in src:
+          if o:
+            uses[o[0]].append(None)
+
+
+def find_sites(fn, params, *args) -> Plan:
+  """Traces ``fn(params, *args)`` and sorts the leaves of ``params``.
+
+  Args:
+    fn: the loss function of one microbatch.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    *args: the other arguments, as ``fn`` takes them.
+
+  Returns:
+    The :class:`Plan`: the jaxpr, its sites, direct and unused leaves.
+  """
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, *args)
+  n = len(jax.tree.leaves(params))
+  origins = {v: (i, ()) for i, v in enumerate(closed.jaxpr.invars[:n])}
+  uses = {i: [] for i in range(n)}
+  _walk(closed.jaxpr, origins, (), uses)
+  # A leaf that is also an output of fn is read outside any layer.
+  for v in closed.jaxpr.outvars:
+    if isinstance(v, jcore.Var) and v in origins:
+      uses[origins[v][0]].append(None)
+  sites = tuple(u[0] for u in uses.values() if len(u) == 1 and u[0] is not None)
+  site_leaves = {s.leaf for s in sites}
+  return Plan(
+    jaxpr=closed,
+    out_tree=jax.tree.structure(out_shape),
+    out_shape=out_shape,
+    n_leaves=n,
+    sites=sites,
+    direct=tuple(i for i in range(n) if uses[i] and i not in site_leaves),
+    unused=tuple(i for i in range(n) if not uses[i]),
+  )
+
+
+def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
+  """Evaluates the traced function, adding ``zs[k]`` to site k's output.
+
+  Args:
+    plan: from :func:`find_sites`.
+    flat_args: the flat leaves of ``(params, *args)``.
+    zs: one array per site, shaped like its output: the gradient with
+      respect to it is the site's output gradient ``d``.
+
+  Returns:
+    ``(outputs, captures)``: the function's flat outputs, and per site the
+    list of its operands other than the parameter (the layer inputs ``x``).
+  """
+  index = {s.path: k for k, s in enumerate(plan.sites)}
+  calls = {s.path[:j] for s in plan.sites for j in range(1, len(s.path))}
+  captures = [None] * len(plan.sites)
+
+  def go(jaxpr, consts, invals, path):
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, invals))
+
+    def read(v):
+      return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for i, eqn in enumerate(jaxpr.eqns):
+      here = path + (i,)
+      ins = [read(v) for v in eqn.invars]
+      if here in calls:  # a jit call with a site inside: step in
+        inner = eqn.params["jaxpr"]
+        outs = go(inner.jaxpr, inner.consts, ins, here)
+      else:
+        outs = _bind(eqn, ins)
+      if here in index:
+        k = index[here]
+        pos = plan.sites[k].param_pos
+        captures[k] = [x for j, x in enumerate(ins) if j != pos]
+        outs = [outs[0] + zs[k].astype(outs[0].dtype)]
+      env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+  outs = go(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(flat_args), ())
+  return outs, captures
+
+
+def replay_chain(chain: Sequence[Any], leaf: jax.Array) -> jax.Array:
+  """The parameter operand of a site, from its leaf."""
+  for eqn in chain:
+    leaf = _bind(eqn, [leaf])[0]
+  return leaf
