@@ -175,6 +175,18 @@ def _scaled(x, f):
   return jnp.where(f > 0, x.astype(f.dtype) * f, 0)
 
 
+_NOT_ARRAYS = (
+  "GhostMicrogradients holds layer inputs and output gradients, not stacked"
+  " microgradients: pass it straight to optax_gaf.gaf() (or"
+  " process(optax.identity(), gaf(...), opt)). A transform of each"
+  " microgradient before gaf needs optax_gaf.microbatch_grads."
+)
+
+
+class NotArraysError(TypeError, AttributeError):
+  """Raised when a transform treats :class:`GhostMicrogradients` as arrays."""
+
+
 class GhostMicrogradients:
   """N microgradients held as layer captures; a placement for ``gaf``.
 
@@ -205,12 +217,13 @@ class GhostMicrogradients:
     ]
 
   def __jax_array__(self):
-    raise TypeError(
-      "GhostMicrogradients holds layer inputs and output gradients, not"
-      " stacked microgradients: pass it straight to optax_gaf.gaf() (or"
-      " process(optax.identity(), gaf(...), opt)). A transform of the"
-      " microgradients before gaf needs optax_gaf.microbatch_grads."
-    )
+    raise NotArraysError(_NOT_ARRAYS)
+
+  def __getattr__(self, name):
+    # Only for names not found: an array's .real, .shape, ... in a transform.
+    if name.startswith("__"):
+      raise AttributeError(name)
+    raise NotArraysError(f"{_NOT_ARRAYS} (It has no attribute {name!r}.)")
 
   def num_microgradients(self, n_local: int) -> int:
     del n_local
