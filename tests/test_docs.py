@@ -1,4 +1,4 @@
-"""Every Python block in README.md and docs/**/*.md runs.
+"""Every Python block in the top-level *.md files and docs/**/*.md runs.
 
 The blocks are found with markdown-it-py, the parser MyST itself builds on,
 so what runs here is what the site shows. The blocks of one file run in
@@ -35,14 +35,14 @@ NOT_MARKDOWN = {
 
 
 def doc_files() -> list[pathlib.Path]:
-  """README.md and every Markdown page of the docs (not generated ones)."""
+  """README.md and its siblings, and every page of the docs (not generated)."""
   docs = ROOT / "docs"
   pages = [
     p
     for p in sorted(docs.rglob("*.md"))
     if not any(part.startswith("_") for part in p.relative_to(docs).parts)
   ]
-  return [ROOT / "README.md", *pages]
+  return [*sorted(ROOT.glob("*.md")), *pages]
 
 
 def python_blocks(text: str, first_line: int = 1):
@@ -105,7 +105,12 @@ def test_python_blocks_run(path):
 
 def test_collector_finds_the_pages_and_their_blocks():
   names = {str(p.relative_to(ROOT)) for p in doc_files()}
-  assert {"README.md", "docs/index.md", "docs/guides/streaming.md"} <= names
+  assert {
+    "README.md",
+    "CONTRIBUTING.md",
+    "docs/index.md",
+    "docs/guides/streaming.md",
+  } <= names
   assert not any("/_" in name for name in names)  # no generated pages
   total = sum(len(list(python_blocks(p.read_text()))) for p in doc_files())
   assert total >= 23  # the issue counted 23 when it was filed
