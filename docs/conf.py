@@ -43,6 +43,7 @@ exclude_patterns = [
   "_build",
   "_templates",
   "_ext",
+  "_examples/gallery.md",  # included by examples.md, not a page of its own
   "**/.ipynb_checkpoints",
   "Thumbs.db",
   ".DS_Store",

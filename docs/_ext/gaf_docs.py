@@ -8,7 +8,8 @@
 * ``docs/_notebooks/``: copies of ``notebooks/*.ipynb``, which live at the
   repository root, rendered by myst-nb from their stored outputs.
 * ``docs/_examples/``: one page per ``examples/*.py``, its source included,
-  for the gallery (``docs/examples.md``).
+  and ``gallery.md``, a card per notebook (with its first figure) and per
+  program, which ``docs/examples.md`` includes.
 
 All three are generated and gitignored; files are rewritten only when their
 content changes, so incremental builds stay incremental.
@@ -20,10 +21,12 @@ those links at the pages that render them on the site.
 """
 
 import ast
+import base64
 import contextlib
 import filecmp
 import importlib
 import inspect
+import json
 import os
 import pathlib
 import re
@@ -195,10 +198,66 @@ def example_pages() -> None:
       name=path.name, summary=summary
     )
   for stale in dst.glob("*.md"):
-    if stale.name not in wanted:
+    if stale.name not in wanted and stale.name != "gallery.md":
       stale.unlink()
   for name, text in wanted.items():
     write_if_changed(dst / name, text)
+
+
+CARD = """\
+:::{{container}} gaf-card
+{image}**[{title}]({link})**
+
+{summary}
+:::
+
+"""
+
+
+def _first_sentence(text: str, limit: int = 220) -> str:
+  text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", " ".join(text.split()))
+  end = text.find(". ")
+  text = text if end < 0 else text[: end + 1]
+  return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _notebook_card(path: pathlib.Path, thumbs: pathlib.Path) -> str:
+  cells = json.loads(path.read_text())["cells"]
+  paragraphs = "".join(cells[0]["source"]).split("\n\n")
+  title = paragraphs[0].lstrip("# ").strip()
+  summary = _first_sentence(paragraphs[1]) if len(paragraphs) > 1 else ""
+  image = ""
+  for output in (o for c in cells for o in c.get("outputs", [])):
+    png = output.get("data", {}).get("image/png")
+    if png:
+      thumb = thumbs / f"{path.stem}.png"
+      data = base64.b64decode("".join(png))
+      if not thumb.exists() or thumb.read_bytes() != data:
+        thumb.write_bytes(data)
+      link = f"_notebooks/{path.name}"
+      image = f"[![]({thumb.relative_to(DOCS).as_posix()})]({link})\n\n"
+      break
+  link = f"_notebooks/{path.name}"
+  return CARD.format(image=image, title=title, link=link, summary=summary)
+
+
+def gallery_page() -> None:
+  """``docs/_examples/gallery.md``: a card per notebook and per program."""
+  thumbs = DOCS / "_examples" / "thumbs"
+  thumbs.mkdir(parents=True, exist_ok=True)
+  text = "## Notebooks\n\n::::{container} gaf-gallery\n\n"
+  for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    text += _notebook_card(path, thumbs)
+  text += "::::\n\n## Programs\n\n::::{container} gaf-gallery\n\n"
+  for path in sorted((ROOT / "examples").glob("*.py")):
+    doc = inspect.cleandoc(_module_docstring(path))
+    text += CARD.format(
+      image="",
+      title=f"`examples/{path.name}`",
+      link=f"_examples/{path.stem}.md",
+      summary=_first_sentence(doc.split("\n\n")[0]),
+    )
+  write_if_changed(DOCS / "_examples" / "gallery.md", text + "::::\n")
 
 
 def _module_docstring(path: pathlib.Path) -> str:
@@ -245,6 +304,7 @@ def _generate(app, config) -> None:
   write_if_changed(DOCS / "api.rst", api_page())
   copy_notebooks()
   example_pages()
+  gallery_page()
 
 
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
