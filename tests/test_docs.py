@@ -12,7 +12,9 @@ languages (``bash``, ``text``) and MyST directives (``{code-block}``,
 ``{include}``) never run. New pages under docs/ are picked up by the glob.
 """
 
+import os
 import pathlib
+import re
 import traceback
 
 import markdown_it
@@ -131,3 +133,37 @@ def test_a_broken_block_fails_and_names_its_line(tmp_path):
   ]
   with pytest.raises(pytest.fail.Exception, match=r"page.md:12 failed"):
     run_blocks(page)
+
+
+# Written by the docs build (gitignored): not there in the repository view.
+GENERATED = [
+  ROOT / "docs" / name
+  for name in ("_build", "_notebooks", "_examples", "_autosummary", "api.rst")
+]
+
+
+def _links(text: str):
+  """Relative link targets of a Markdown text (no URLs, no bare #anchors)."""
+  tokens = markdown_it.MarkdownIt("commonmark").parse(text)
+  for token in tokens:
+    for child in token.children or ():
+      href = child.attrGet("href") if child.type == "link_open" else None
+      src = child.attrGet("src") if child.type == "image" else None
+      target = href or src
+      if target and not re.match(r"[a-z]+:|#", target):
+        yield target.split("#")[0]
+
+
+@pytest.mark.parametrize(
+  "path", doc_files(), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_links_resolve_in_the_repository_view(path):
+  """The pages read in the repository view: every relative link exists."""
+
+  def found(target):
+    full = pathlib.Path(os.path.normpath(path.parent / target))
+    generated = any(full.is_relative_to(g) for g in GENERATED)
+    return full.exists() and not generated  # the docs build makes those
+
+  broken = [t for t in _links(path.read_text()) if not found(t)]
+  assert not broken, f"{path.relative_to(ROOT)} links to missing {broken}"
