@@ -31,6 +31,9 @@ extensions = [
   "sphinx.ext.autosummary",
   "sphinx.ext.napoleon",
   "sphinx.ext.mathjax",
+  # MathJax 3 shipped in the package and copied into _static/: math renders
+  # with no network.
+  "sphinx-mathjax-offline",
   "sphinx.ext.viewcode",
   "myst_nb",
   "gaf_docs",
@@ -40,6 +43,7 @@ exclude_patterns = [
   "_build",
   "_templates",
   "_ext",
+  "_examples/gallery.md",  # included by examples.md, not a page of its own
   "**/.ipynb_checkpoints",
   "Thumbs.db",
   ".DS_Store",
@@ -72,10 +76,18 @@ nb_render_markdown_format = "myst"
 
 # -- HTML ----------------------------------------------------------------------
 html_theme = "sphinx_book_theme"
-html_title = "optax_gaf"
+html_title = f"optax_gaf {release}"
 html_theme_options = {
   "home_page_in_toc": True,
   "show_navbar_depth": 1,
   "show_toc_level": 2,
+  # No GitHub, download or launch buttons: they need the network.
+  "use_download_button": False,
+  "use_fullscreen_button": True,
 }
+# One search box: the header's (the sidebar's default field would be a second).
+html_sidebars = {"**": ["navbar-logo.html", "sbt-sidebar-nav.html"]}
+html_static_path = ["_static"]
+html_css_files = ["gaf.css"]
+html_js_files = ["gaf.js"]
 # No intersphinx: the build must work offline.

@@ -398,7 +398,7 @@ def gaf(
       params (FSDP in ``shard_map``): it gets its shard of the update.
     granularity: ``"global"`` (one decision over the whole pytree) or
       ``"per_leaf"`` (each parameter tensor filtered on its own).
-    temperature: the ``"soft"`` rule's temperature (default 0.05); > 0.
+    temperature: ``rule="soft"`` only, > 0; None: that rule's own 0.05.
     adaptive_tau: an :class:`AdaptiveTau`, to use ``min(tau, mean + k * std)``
       of recent cosine distances as the threshold.
 

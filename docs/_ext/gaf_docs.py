@@ -7,16 +7,29 @@
   ``docs/_autosummary/``.
 * ``docs/_notebooks/``: copies of ``notebooks/*.ipynb``, which live at the
   repository root, rendered by myst-nb from their stored outputs.
+* ``docs/_examples/``: one page per ``examples/*.py``, its source included,
+  and ``gallery.md``, a card per notebook (with its first figure) and per
+  program, which ``docs/examples.md`` includes.
 
-Both are generated and gitignored; files are rewritten only when their
+All three are generated and gitignored; files are rewritten only when their
 content changes, so incremental builds stay incremental.
+
+The pages are written to read in the repository view too, so they link the
+files that live there (``notebooks/01_quickstart.ipynb``,
+``examples/fsdp.py``, ``optax_gaf/__init__.py``). ``_repo_links`` points
+those links at the pages that render them on the site.
 """
 
+import ast
+import base64
 import contextlib
 import filecmp
 import importlib
 import inspect
+import json
+import os
 import pathlib
+import re
 import shutil
 import types
 
@@ -32,9 +45,13 @@ SUBMODULES = ("rules",)
 # "More", so a new export shows up without editing this file, and names that
 # are no longer exported simply drop out.
 GROUPS = (
+  ("Training step: the true skip", ("process",)),
   ("Aggregators", ("gaf", "streamed", "and_mask", "adacons")),
-  ("States", ("GAFState", "AndMaskState", "AdaConsState")),
-  ("Diagnostics and thresholds", ("stats", "AdaptiveTau")),
+  ("Thresholds", ("AutoTau", "AdaptiveTau")),
+  (
+    "States and diagnostics",
+    ("GAFState", "AndMaskState", "AdaConsState", "stats"),
+  ),
   ("Microgradients", ("microbatch_grads", "split_microbatches")),
   (
     "Streaming (memory independent of N)",
@@ -158,10 +175,136 @@ def copy_notebooks() -> None:
       shutil.copy2(src / name, target)
 
 
+EXAMPLE_PAGE = """\
+# `examples/{name}`
+
+{summary}
+
+```{{literalinclude}} ../../examples/{name}
+:language: python
+```
+"""
+
+
+def example_pages() -> None:
+  """Writes ``docs/_examples/<name>.md`` for every ``examples/*.py``."""
+  src, dst = ROOT / "examples", DOCS / "_examples"
+  dst.mkdir(exist_ok=True)
+  wanted = {}
+  for path in sorted(src.glob("*.py")):
+    doc = inspect.cleandoc(_module_docstring(path))
+    summary = doc.split("\n\n")[0].replace("\n", " ")
+    wanted[f"{path.stem}.md"] = EXAMPLE_PAGE.format(
+      name=path.name, summary=summary
+    )
+  for stale in dst.glob("*.md"):
+    if stale.name not in wanted and stale.name != "gallery.md":
+      stale.unlink()
+  for name, text in wanted.items():
+    write_if_changed(dst / name, text)
+
+
+CARD = """\
+:::{{container}} gaf-card
+{image}**[{title}]({link})**
+
+{summary}
+:::
+
+"""
+
+
+def _first_sentence(text: str, limit: int = 220) -> str:
+  text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", " ".join(text.split()))
+  end = text.find(". ")
+  text = text if end < 0 else text[: end + 1]
+  return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _notebook_card(path: pathlib.Path, thumbs: pathlib.Path) -> str:
+  cells = json.loads(path.read_text())["cells"]
+  paragraphs = "".join(cells[0]["source"]).split("\n\n")
+  title = paragraphs[0].lstrip("# ").strip()
+  summary = _first_sentence(paragraphs[1]) if len(paragraphs) > 1 else ""
+  image = ""
+  for output in (o for c in cells for o in c.get("outputs", [])):
+    png = output.get("data", {}).get("image/png")
+    if png:
+      thumb = thumbs / f"{path.stem}.png"
+      data = base64.b64decode("".join(png))
+      if not thumb.exists() or thumb.read_bytes() != data:
+        thumb.write_bytes(data)
+      link = f"_notebooks/{path.name}"
+      image = f"[![]({thumb.relative_to(DOCS).as_posix()})]({link})\n\n"
+      break
+  link = f"_notebooks/{path.name}"
+  return CARD.format(image=image, title=title, link=link, summary=summary)
+
+
+def gallery_page() -> None:
+  """``docs/_examples/gallery.md``: a card per notebook and per program."""
+  thumbs = DOCS / "_examples" / "thumbs"
+  thumbs.mkdir(parents=True, exist_ok=True)
+  text = "## Notebooks\n\n::::{container} gaf-gallery\n\n"
+  for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    text += _notebook_card(path, thumbs)
+  text += "::::\n\n## Programs\n\n::::{container} gaf-gallery\n\n"
+  for path in sorted((ROOT / "examples").glob("*.py")):
+    doc = inspect.cleandoc(_module_docstring(path))
+    text += CARD.format(
+      image="",
+      title=f"`examples/{path.name}`",
+      link=f"_examples/{path.stem}.md",
+      summary=_first_sentence(doc.split("\n\n")[0]),
+    )
+  write_if_changed(DOCS / "_examples" / "gallery.md", text + "::::\n")
+
+
+def _module_docstring(path: pathlib.Path) -> str:
+  return ast.get_docstring(ast.parse(path.read_text())) or path.name
+
+
+def _site_target(path: pathlib.Path) -> pathlib.Path | None:
+  """The source file on the site that renders a repository file, if any."""
+  if path.parent == ROOT / "notebooks" and path.suffix == ".ipynb":
+    return DOCS / "_notebooks" / path.name
+  if path.parent == ROOT / "examples" and path.suffix == ".py":
+    return DOCS / "_examples" / f"{path.stem}.md"
+  if path == ROOT / PACKAGE / "__init__.py":
+    return DOCS / "api.rst"
+  if path.is_relative_to(DOCS):
+    return path
+  return None
+
+
+# A Markdown link's target: a relative path (no scheme), then maybe #anchor.
+LINK = re.compile(r"\]\((?![a-z]+:)([^)\s#]+)(#[^)\s]*)?\)")
+
+
+def _repo_links(app, docname, source) -> None:
+  """Repository-view links to notebooks, examples, the package: site pages."""
+  doc = pathlib.Path(app.env.doc2path(docname))
+  site_dir = doc.parent
+  # A notebook's links are relative to notebooks/, where it lives.
+  repo_dir = (
+    ROOT / "notebooks" if docname.startswith("_notebooks/") else site_dir
+  )
+
+  def fix(match):
+    target = _site_target(pathlib.Path(os.path.normpath(repo_dir / match[1])))
+    if target is None:
+      return match[0]
+    return f"]({os.path.relpath(target, site_dir)}{match[2] or ''})"
+
+  source[0] = LINK.sub(fix, source[0])
+
+
 def _generate(app, config) -> None:
   del app, config
   write_if_changed(DOCS / "api.rst", api_page())
   copy_notebooks()
+  example_pages()
+  gallery_page()
 
 
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
@@ -186,6 +329,7 @@ def _protocol_signature(app, what, name, obj, options, signature, ret):
 
 def setup(app):
   app.connect("config-inited", _generate)
+  app.connect("source-read", _repo_links)
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
   app.connect("autodoc-process-signature", _protocol_signature)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
