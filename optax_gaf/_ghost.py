@@ -127,13 +127,14 @@ def _ghost_gram(site, others, d, dtype):
     same &= valid[:, :, None, None] & valid[None, None, :, :]
     return jnp.sum(jnp.where(same, dd, 0), axis=(1, 3))
   x, d = _canonical(site, others[0], d)
-  xx = jnp.einsum(
-    "nhsk,mhtk->hnsmt", x, x, precision=prec, preferred_element_type=dtype
-  )
-  dd = jnp.einsum(
-    "nhsj,mhtj->hnsmt", d, d, precision=prec, preferred_element_type=dtype
-  )
-  return jnp.einsum("hnsmt,hnsmt->nm", xx, dd, precision=prec)
+  n, hb, s = x.shape[:3]
+  # Tokens of all microbatches as rows of one matrix: plain 2-D matmuls.
+  x = x.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
+  d = d.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
+  kw = {"precision": prec, "preferred_element_type": dtype}
+  prods = jnp.matmul(x, x.swapaxes(1, 2), **kw)
+  prods *= jnp.matmul(d, d.swapaxes(1, 2), **kw)
+  return prods.reshape(hb, n, s, n, s).sum(axis=(0, 2, 4))
 
 
 def per_example(site, others, d) -> jax.Array:
@@ -282,7 +283,7 @@ class GhostMicrogradients:
       w = weights if weights.ndim == 1 else weights[i]
       ok = usable if usable.ndim == 1 else usable[i]
       if i in self._direct:
-        g = _gram.masked_tensordot(w, self._direct[i], ok)
+        g = jnp.tensordot(w, _mask(ok, self._direct[i]), axes=1)
       elif i in self._site:
         k = self._site[i]
         site, d = self._plan.sites[k], self._cotangents[k]
