@@ -16,6 +16,7 @@ from optax_gaf._gaf import gaf
 from optax_gaf._gaf import streamed
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
+from optax_gaf._per_microgradient import per_microgradient
 from optax_gaf._placement import Placement
 from optax_gaf._placement import resolve_placement
 from optax_gaf._process import process
@@ -43,6 +44,7 @@ __all__ = (
   "gaf",
   "gaf_accumulator",
   "microbatch_grads",
+  "per_microgradient",
   "process",
   "resolve_placement",
   "rules",
