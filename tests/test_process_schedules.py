@@ -1,4 +1,4 @@
-"""process(schedule_steps=...): which steps a schedule in the optimizer counts."""
+"""process(schedule_steps=...): the steps a schedule in the optimizer counts."""
 
 import jax
 import jax.numpy as jnp
