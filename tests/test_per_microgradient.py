@@ -41,7 +41,7 @@ def _clipped_update(grads, max_norm):
 
 @settings(max_examples=25, deadline=None)
 @given(
-  n=st.integers(2, 6),
+  n=st.integers(2, 4),
   max_norm=st.floats(0.1, 10.0),
   data=st.data(),
 )
@@ -67,12 +67,13 @@ def test_plain_clip_before_gaf_clips_the_stack_the_wrapper_each_one():
   g = np.zeros((4, 3), np.float32)
   g[:, 0] = 1.0
   params = jnp.zeros(3)
-  plain = _tx(optax.clip_by_global_norm(1.0))
-  updates, _ = plain.update(jnp.asarray(g), plain.init(params), params)
-  np.testing.assert_allclose(np.linalg.norm(updates), 0.5, rtol=1e-6)
-  wrapped = _tx(optax_gaf.per_microgradient(optax.clip_by_global_norm(1.0)))
-  updates, _ = wrapped.update(jnp.asarray(g), wrapped.init(params), params)
-  np.testing.assert_allclose(np.linalg.norm(updates), 1.0, rtol=1e-6)
+  for pre, norm in [
+    (optax.clip_by_global_norm(1.0), 0.5),
+    (optax_gaf.per_microgradient(optax.clip_by_global_norm(1.0)), 1.0),
+  ]:
+    tx = _tx(pre)
+    updates, _ = jax.jit(tx.update)(jnp.asarray(g), tx.init(params), params)
+    np.testing.assert_allclose(np.linalg.norm(updates), norm, rtol=1e-6)
 
 
 def test_stateful_transformations_are_refused_at_init():

@@ -26,7 +26,7 @@ PACKAGE = "optax_gaf"
 
 # Public submodules documented with their own ``__all__`` when they exist
 # (also any module that the package's ``__all__`` exports).
-SUBMODULES = ("rules",)
+SUBMODULES = ("rules", "flax")
 
 # Sections of the top-level API, in page order. Names not listed here land in
 # "More", so a new export shows up without editing this file, and names that
@@ -35,7 +35,10 @@ GROUPS = (
   ("Aggregators", ("gaf", "streamed", "and_mask", "adacons")),
   ("States", ("GAFState", "AndMaskState", "AdaConsState")),
   ("Diagnostics and thresholds", ("stats", "AdaptiveTau")),
-  ("Microgradients", ("microbatch_grads", "split_microbatches")),
+  (
+    "Microgradients",
+    ("microbatch_grads", "split_microbatches", "per_microgradient"),
+  ),
   (
     "Streaming (memory independent of N)",
     ("streaming_grads", "gaf_accumulator", "FilteredGradients"),
