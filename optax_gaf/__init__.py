@@ -19,6 +19,7 @@ from optax_gaf._ghost import GhostMicrogradients
 from optax_gaf._ghost import ghost_microgradients
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
+from optax_gaf._per_microgradient import per_microgradient
 from optax_gaf._placement import Placement
 from optax_gaf._placement import resolve_placement
 from optax_gaf._process import process
@@ -49,6 +50,7 @@ __all__ = (
   "ghost_grads",
   "ghost_microgradients",
   "microbatch_grads",
+  "per_microgradient",
   "process",
   "resolve_placement",
   "rules",

@@ -371,9 +371,17 @@ def gaf(
 
   Non-finite or zero microgradients are excluded, as if absent. When nothing
   agrees (or fewer than two are usable), the update is zeros and
-  ``state.ready`` is False, so ``aggregating.process`` skips its
+  ``state.ready`` is False, so :func:`optax_gaf.process` skips its
   postprocessor (a true skip); in ``optax.chain`` the zeros reach the
   optimizer, whose momentum still moves the parameters.
+
+  A plain transformation placed before gaf (the preprocessor of
+  :func:`optax_gaf.process`, or earlier in ``optax.chain``) sees the stacked
+  ``[N, ...]`` tree as one gradient: ``optax.clip_by_global_norm(1.0)``
+  there clips the norm of all N microgradients together, so four identical
+  microgradients of norm 1 come out as an update of norm 0.5. To transform
+  each microgradient on its own, wrap it in
+  :func:`optax_gaf.per_microgradient`.
 
   Args:
     tau: cosine distance threshold in ``[0, 2]``, a schedule of the step

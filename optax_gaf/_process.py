@@ -5,7 +5,7 @@ optimizer) on a step whose aggregator state says ``ready=False``, returning
 zeros in the *gradients'* dtype. With bf16 microgradients and float32 params
 the optimizer returns float32 updates, and the two branches of its
 ``lax.cond`` no longer match. This ``process`` returns zeros in the dtype the
-optimizer would have returned.
+optimizer would have returned, and lets schedules count every step.
 """
 
 import jax
@@ -14,11 +14,44 @@ import optax
 from optax import tree
 from optax.experimental import aggregating
 
+# Optimizer states whose ``count`` only feeds a schedule (a learning rate, an
+# injected hyperparameter). ScaleByAdamState's count is not among them: it
+# corrects the bias of moments that a skipped step did not update.
+_SCHEDULE_STATES = (
+  optax.ScaleByScheduleState,
+  optax.InjectHyperparamsState,
+  optax.InjectStatefulHyperparamsState,
+  type(optax.WrappedSchedule(lambda count: count).init()),
+)
+_SCHEDULE_STEPS = ("all", "applied")
+
+
+def _is_schedule_state(x) -> bool:
+  return isinstance(x, _SCHEDULE_STATES)
+
+
+def _advance_schedules(state):
+  """Adds one to the ``count`` of every schedule state inside ``state``."""
+
+  def visit(node):
+    if not _is_schedule_state(node):
+      return node
+    inner = {
+      k: jax.tree.map(visit, v, is_leaf=_is_schedule_state)
+      for k, v in node._asdict().items()
+      if k != "count"
+    }
+    return node._replace(count=optax.safe_increment(node.count), **inner)
+
+  return jax.tree.map(visit, state, is_leaf=_is_schedule_state)
+
 
 def process(
   preprocessor: optax.GradientTransformation,
   aggregator: aggregating.Aggregator,
   postprocessor: optax.GradientTransformation,
+  *,
+  schedule_steps: str = "all",
 ) -> aggregating.Aggregator:
   """``aggregating.process`` that also works when dtypes change on the way.
 
@@ -29,15 +62,40 @@ def process(
   untouched and the updates are zeros, in the dtype the postprocessor returns
   (float32 for float32 params, whatever the gradients' dtype).
 
+  Which steps a schedule inside the postprocessor counts is
+  ``schedule_steps``:
+
+  * ``"all"`` (the default): every call, skipped or not, as
+    ``TrainState.step`` and ``nnx.Optimizer.step`` count. A learning-rate
+    schedule sized in total steps (``optax.adamw(warmup_cosine_decay(...))``)
+    then reaches step t at call t, whatever the skip rate. On a skipped step
+    the ``count`` of every ``ScaleByScheduleState`` and
+    ``inject_hyperparams`` state is advanced by one, and nothing else:
+    adamw's moments and the count that corrects their bias stay untouched,
+    so the bias correction stays exact for the moments it corrects.
+  * ``"applied"``: only the steps the optimizer ran; a skipped step leaves
+    its whole state bitwise untouched. This is what
+    ``optax.experimental.aggregating.process`` does (and what this
+    ``process`` did before ``schedule_steps`` existed). At a skip rate of
+    90%, a schedule sized in total calls then reaches only a tenth of it.
+
+  Counters other than those two kinds (``optax.MultiSteps``, the
+  contrib optimizers' own) count applied steps in both modes.
+
   Args:
     preprocessor: a transformation of the microgradients, e.g.
       ``optax.identity()``.
     aggregator: an aggregator with a ``ready`` field in its state.
     postprocessor: the optimizer, skipped when not ready.
+    schedule_steps: ``"all"`` (schedules count every call) or
+      ``"applied"`` (only the steps the postprocessor ran).
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` whose state is the
     tuple of the three states.
+
+  Raises:
+    ValueError: an unknown ``schedule_steps``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_gaf
@@ -51,6 +109,12 @@ def process(
     Array([0., 0.], dtype=float32)
   """
 
+  if schedule_steps not in _SCHEDULE_STEPS:
+    raise ValueError(
+      f"schedule_steps={schedule_steps!r}; choose 'all' (schedules count"
+      " every step) or 'applied' (only the steps the optimizer ran)."
+    )
+  advance = schedule_steps == "all"
   # As optax.chain does: plain transformations ignore extra args (value=).
   preprocessor = optax.with_extra_args_support(preprocessor)
   postprocessor = optax.with_extra_args_support(postprocessor)
@@ -76,7 +140,8 @@ def process(
 
     def skip(g, s):
       out = jax.eval_shape(post, g, s)[0]
-      return jax.tree.map(lambda x, o: jnp.zeros_like(x, o.dtype), g, out), s
+      zeros = jax.tree.map(lambda x, o: jnp.zeros_like(x, o.dtype), g, out)
+      return zeros, _advance_schedules(s) if advance else s
 
     ready = tree.get(agg_state, "ready", True)
     updates, post_state = jax.lax.cond(ready, post, skip, combined, post_state)

@@ -39,7 +39,7 @@ PACKAGE = "optax_gaf"
 
 # Public submodules documented with their own ``__all__`` when they exist
 # (also any module that the package's ``__all__`` exports).
-SUBMODULES = ("rules",)
+SUBMODULES = ("rules", "flax")
 
 # Sections of the top-level API, in page order. Names not listed here land in
 # "More", so a new export shows up without editing this file, and names that
@@ -52,7 +52,10 @@ GROUPS = (
     "States and diagnostics",
     ("GAFState", "AndMaskState", "AdaConsState", "stats"),
   ),
-  ("Microgradients", ("microbatch_grads", "split_microbatches")),
+  (
+    "Microgradients",
+    ("microbatch_grads", "split_microbatches", "per_microgradient"),
+  ),
   (
     "Streaming (memory independent of N)",
     ("streaming_grads", "gaf_accumulator", "FilteredGradients"),

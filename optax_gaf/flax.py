@@ -1,0 +1,258 @@
+"""Microgradients of a Flax model: NNX modules and Linen ``apply`` functions.
+
+Flax is an optional dependency of optax_gaf: this module imports it, and only
+this module does (``import optax_gaf`` never needs Flax). Install it with
+``pip install "optax_gaf[examples]"`` or ``pip install flax``.
+
+Both helpers split the batch into N microbatches and ``vmap`` the gradient
+over them, as :func:`optax_gaf.microbatch_grads` does, and take care of what
+a Flax model adds:
+
+* **Batch statistics** (BatchNorm's running mean and variance, and any other
+  non-parameter state the loss updates): each microbatch updates its own copy;
+  ``batch_stats="mean"`` (the default) keeps their mean (what data-parallel
+  workers that average their statistics keep), an int ``k`` keeps microbatch
+  k's.
+* **Randomness** (Dropout, stochastic depth): every microbatch gets its own
+  RNG stream, so the N dropout masks are independent; one shared key would
+  correlate the N microgradients and bias the agreement test.
+* **Aux outputs** come back per microbatch, with a leading N axis.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_gaf import _checks
+from optax_gaf._microbatching import split_microbatches
+
+try:
+  from flax import nnx
+except ImportError as e:  # pragma: no cover - exercised without flax only
+  raise ImportError(
+    "optax_gaf.flax needs Flax, an optional dependency: install it with"
+    ' pip install "optax_gaf[examples]" (or pip install flax).'
+  ) from e
+
+__all__ = ("linen_microgradients", "nnx_microgradients")
+
+
+def _check_batch_stats(batch_stats, n: int):
+  """``"mean"`` or an int microbatch index in ``[-n, n)``."""
+  if batch_stats == "mean":
+    return batch_stats
+  if isinstance(batch_stats, bool) or not isinstance(batch_stats, int):
+    raise TypeError(
+      f'batch_stats must be "mean" or an int microbatch index, got'
+      f" {batch_stats!r}."
+    )
+  if not -n <= batch_stats < n:
+    raise ValueError(
+      f"batch_stats={batch_stats} is no microbatch of {n}; pass an index in"
+      f' [{-n}, {n}) or "mean".'
+    )
+  return batch_stats
+
+
+def _reduce_state(tree, batch_stats):
+  """Collapses the leading N axis of per-microbatch model state.
+
+  ``"mean"``: floating leaves averaged (a leaf equal in every microbatch is
+  kept exactly), other leaves (counters) taken from microbatch 0. An int:
+  every leaf taken from that microbatch.
+  """
+
+  def reduce(x):
+    if batch_stats != "mean":
+      return x[batch_stats]
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return x[0]
+    same = jnp.all(x == x[0], axis=0)
+    return jnp.where(same, x[0], jnp.mean(x, 0).astype(x.dtype))
+
+  return jax.tree.map(reduce, tree)
+
+
+def _refuse_rngs_args(args):
+  for a in args:
+    if isinstance(a, nnx.Rngs | nnx.RngStream):
+      raise TypeError(
+        "An nnx.Rngs passed as an argument would give every microbatch the"
+        " same dropout masks. Keep the streams in the model (e.g."
+        " nnx.Dropout(rate, rngs=rngs)): nnx_microgradients gives each"
+        " microbatch its own."
+      )
+
+
+def nnx_microgradients(
+  loss_fn: Callable[..., Any],
+  num_microbatches: int,
+  *,
+  has_aux: bool = False,
+  batch_stats: str | int = "mean",
+  wrt: Any = None,
+) -> Callable[..., tuple[Any, Any]]:
+  """Per-microbatch losses and gradients of an NNX module, for ``gaf``.
+
+  The returned ``fn(model, batch, *args)`` splits ``batch`` (a pytree of
+  arrays with a leading batch axis B) into N microbatches and runs
+  ``loss_fn(model, microbatch, *args)`` on each under ``jax.vmap``, with
+
+  * the parameters (``wrt``) shared, differentiated per microbatch;
+  * every RNG stream of the model split N ways (``nnx.split_rngs``): each
+    microbatch draws its own dropout masks, and the model's streams advance
+    once per call;
+  * the other state (BatchNorm's ``batch_stats``) updated per microbatch and
+    written back to ``model`` reduced by ``batch_stats``.
+
+  Use it inside ``nnx.jit`` like ``nnx.value_and_grad``; the gradients go to
+  ``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads)`` with
+  ``tx = optax_gaf.process(optax.identity(), optax_gaf.gaf(...), inner)``.
+
+  Args:
+    loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)``
+      with ``has_aux=True``), the mean loss of one microbatch. The model is
+      in whatever mode (``train()``/``eval()``) the caller set.
+    num_microbatches: N; the batch size must be a multiple of it.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    batch_stats: how the N updated copies of the non-parameter state become
+      one: ``"mean"`` averages floating-point leaves (BatchNorm's running
+      mean and variance: the mean of the N updates) and takes other leaves
+      from microbatch 0; an int ``k`` takes every leaf from microbatch k.
+    wrt: an NNX filter of what to differentiate; default ``nnx.Param``.
+
+  Returns:
+    ``fn(model, batch, *args) -> (losses, grads)`` (``((losses, aux),
+    grads)`` with ``has_aux``): ``losses`` is ``[N]``, ``aux`` has a leading
+    N axis, and ``grads`` is an ``nnx.State`` whose leaves are
+    ``[N, *param.shape]``. ``fn`` updates ``model``'s state in place.
+
+  Raises:
+    TypeError: an ``nnx.Rngs`` in ``args`` (keep streams in the model).
+    ValueError: a batch that N does not divide, or a bad ``batch_stats``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import optax_gaf.flax
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.linear = nnx.Linear(3, 2, rngs=rngs)
+    ...     self.bn = nnx.BatchNorm(2, rngs=rngs)
+    ...     self.dropout = nnx.Dropout(0.5, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.dropout(self.bn(self.linear(x)))
+    >>> model = Net(nnx.Rngs(0))
+    >>> loss = lambda m, b: jnp.mean((m(b["x"]) - b["y"]) ** 2)
+    >>> fn = optax_gaf.flax.nnx_microgradients(loss, 4)
+    >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.zeros((8, 2))}
+    >>> losses, grads = fn(model, batch)
+    >>> losses.shape, grads["linear"]["kernel"].shape
+    ((4,), (4, 3, 2))
+  """
+  n = _checks.num_microbatches(num_microbatches, minimum=1)
+  batch_stats = _check_batch_stats(batch_stats, n)
+  wrt = nnx.Param if wrt is None else wrt
+
+  def fn(model, batch, *args):
+    _refuse_rngs_args(args)
+    micro = split_microbatches(batch, n)
+    # Every stream gets [N] keys inside the block (the split State holds the
+    # Variables themselves); leaving it advances each stream once.
+    with nnx.split_rngs(model, splits=n):
+      graphdef, params, rngs, rest = nnx.split(model, wrt, nnx.RngState, ...)
+
+      def one(params, rngs, b):
+        # copy=True: fresh Variables in this trace, so BatchNorm may update.
+        m = nnx.merge(graphdef, params, rngs, rest, copy=True)
+        out = loss_fn(m, b, *args)
+        loss, aux = out if has_aux else (out, None)
+        return loss, (aux, nnx.state(m, wrt, nnx.RngState, ...)[2])
+
+      grad_fn = jax.value_and_grad(one, has_aux=True)
+      out, grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, rngs, micro)
+    losses, (aux, new_rest) = out
+    nnx.update(model, _reduce_state(new_rest, batch_stats))
+    return ((losses, aux) if has_aux else losses), grads
+
+  return fn
+
+
+def linen_microgradients(
+  loss_fn: Callable[..., Any],
+  num_microbatches: int,
+  *,
+  has_aux: bool = False,
+  batch_stats: str | int = "mean",
+) -> Callable[..., tuple[Any, Any, Any]]:
+  """Per-microbatch losses and gradients of a Linen model with state.
+
+  For a Linen ``apply`` with mutable collections (BatchNorm's
+  ``batch_stats``) and RNGs (Dropout). Without either,
+  :func:`optax_gaf.microbatch_grads` is all you need.
+
+  Args:
+    loss_fn: ``loss_fn(params, model_state, batch, rng, *args)`` returning
+      ``(loss, new_model_state)`` (``(loss, (new_model_state, aux))`` with
+      ``has_aux``). ``model_state`` holds the other collections (e.g.
+      ``{"batch_stats": ...}``, or ``{}``); typically it calls
+      ``apply({"params": params, **model_state}, x, rngs={"dropout": rng},
+      mutable=list(model_state))``.
+    num_microbatches: N; the batch size must be a multiple of it.
+    has_aux: whether ``loss_fn`` also returns ``aux``.
+    batch_stats: ``"mean"`` (average the N updated copies of the
+      floating-point state) or an int ``k`` (keep microbatch k's).
+
+  Returns:
+    ``fn(params, model_state, batch, rng, *args) -> (losses, grads,
+    new_model_state)`` (``((losses, aux), grads, new_model_state)`` with
+    ``has_aux``). ``rng`` is split into N keys, one a microbatch (None
+    passes None to every microbatch). ``grads`` leaves are
+    ``[N, *param.shape]``; ``new_model_state`` is reduced.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import optax_gaf.flax
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
+    ...     return nn.Dropout(0.5, deterministic=not train)(x)
+    >>> net = Net()
+    >>> variables = net.init(jax.random.key(0), jnp.ones((1, 3)), False)
+    >>> def loss(params, state, b, rng):
+    ...   out, new_state = net.apply({"params": params, **state}, b["x"], True,
+    ...                              rngs={"dropout": rng}, mutable=list(state))
+    ...   return jnp.mean((out - b["y"]) ** 2), new_state
+    >>> fn = optax_gaf.flax.linen_microgradients(loss, 4)
+    >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.zeros((8, 2))}
+    >>> state = {"batch_stats": variables["batch_stats"]}
+    >>> losses, grads, state = fn(variables["params"], state, batch,
+    ...                           jax.random.key(1))
+    >>> losses.shape, grads["Dense_0"]["kernel"].shape
+    ((4,), (4, 3, 2))
+  """
+  n = _checks.num_microbatches(num_microbatches, minimum=1)
+  batch_stats = _check_batch_stats(batch_stats, n)
+
+  def one(params, model_state, b, rng, *args):
+    loss, out = loss_fn(params, model_state, b, rng, *args)
+    new_state, aux = out if has_aux else (out, None)
+    return loss, (aux, new_state)
+
+  grad_fn = jax.value_and_grad(one, has_aux=True)
+
+  def fn(params, model_state, batch, rng, *args):
+    micro = split_microbatches(batch, n)
+    rngs = None if rng is None else jax.random.split(rng, n)
+    in_axes = (None, None, 0, None if rng is None else 0) + (None,) * len(args)
+    (losses, (aux, new_state)), grads = jax.vmap(grad_fn, in_axes=in_axes)(
+      params, model_state, micro, rngs, *args
+    )
+    new_state = _reduce_state(new_state, batch_stats)
+    return ((losses, aux) if has_aux else losses), grads, new_state
+
+  return fn
