@@ -213,6 +213,7 @@ class GhostMicrogradients:
     self._direct = dict(zip(plan.direct, direct))
     self._site = {s.leaf: k for k, s in enumerate(plan.sites)}
     self.num_microbatches, self.treedef, self.routes = n, treedef, routes
+    self._cache = {}
     self.virtual_leaves = [
       jax.ShapeDtypeStruct((n, *a.shape), a.dtype) for a in avals
     ]
@@ -244,12 +245,22 @@ class GhostMicrogradients:
     k = self._site[i]
     site, others = self._plan.sites[k], self._captures[k]
     d = self._cotangents[k]
-    if f is not None:  # x to at most 1, d takes the rest: g_n to f_n g_n
+    if self.routes[i] == "ghost" and f is not None:
+      # x to at most 1, d takes the rest: g_n becomes f_n g_n.
       others, d = _rescaled_captures(site, others, d, f)
     if self.routes[i] == "ghost":
       return _ghost_gram(site, others, d, dtype)
-    g = per_example(site, others, d)
+    g = self._examples(i)
+    g = g if f is None else _scaled(g, f)
     return _gram.cross_gram(g, g, dtype)
+
+  def _examples(self, i):
+    """Leaf i's layer's N microgradients, formed once for Gram and combine."""
+    if i not in self._cache:
+      k = self._site[i]
+      site = self._plan.sites[k]
+      self._cache[i] = per_example(site, self._captures[k], self._cotangents[k])
+    return self._cache[i]
 
   def gram(self, leaves, per_leaf=False, factors=None) -> jax.Array:
     """Stage 1, as ``Placement.gram`` (``leaves`` are the virtual ones)."""
@@ -283,8 +294,12 @@ class GhostMicrogradients:
       w = weights if weights.ndim == 1 else weights[i]
       ok = usable if usable.ndim == 1 else usable[i]
       if i in self._direct:
-        g = jnp.tensordot(w, _mask(ok, self._direct[i]), axes=1)
-      elif i in self._site:
+        g = _weighted_rows(w, _mask(ok, self._direct[i]))
+      elif i in self._site and self.routes[i] == "materialize":
+        site = self._plan.sites[self._site[i]]
+        g = _weighted_rows(w, _mask(ok, self._examples(i)))
+        g = _to_leaf(site, g, aval)
+      elif i in self._site:  # the book-keeping combine: x^T (w * d)
         k = self._site[i]
         site, d = self._plan.sites[k], self._cotangents[k]
         others = [_mask(ok, x) for x in self._captures[k]]
@@ -296,6 +311,13 @@ class GhostMicrogradients:
         g = jnp.zeros(aval.shape, aval.dtype)
       out.append(g.astype(aval.dtype))
     return out
+
+
+def _weighted_rows(w, g):
+  """``sum_n w_n g_n`` in ``w``'s dtype (float32 at least)."""
+  return jnp.tensordot(
+    w, g, axes=1, precision=_gram.PRECISION, preferred_element_type=w.dtype
+  )
 
 
 def _site_scale(others, d, dtype):
