@@ -20,7 +20,6 @@ matrix and the weighted sum exactly as it asks a device placement, so every
 rule, threshold and state works unchanged.
 """
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,142 +29,16 @@ import numpy as np
 
 from optax_gaf import _checks
 from optax_gaf import _gram
+from optax_gaf import _layer_grads
 from optax_gaf import _layers
 from optax_gaf import _microbatching
 
 ROUTES = ("auto", "ghost", "materialize")
 
 
-def _dot_layout(site: _layers.Site):
-  """Batch, free and contracted dims of ``x``, and the output's permutation.
-
-  Returns ``(x_perm, out_perm, sizes)``: ``x.transpose(x_perm)`` is
-  ``[batch, free, contracted]``; ``out.transpose(out_perm)`` is
-  ``[batch, x free, w free]``; ``sizes = (Hb, S, K, J)``.
-  """
-  (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
-  p = site.param_pos
-  xc, xb = (rc, rb) if p == 0 else (lc, lb)
-  x_shape = site.eqn.invars[1 - p].aval.shape
-  xf = [i for i in range(len(x_shape)) if i not in xc and i not in xb]
-  nb, nxf = len(xb), len(xf)
-  nwf = len(site.out.shape) - nb - nxf
-  if p == 1:  # out: [batch, x free, w free]
-    out_perm = list(range(len(site.out.shape)))
-  else:  # out: [batch, w free, x free]
-    b, wf = list(range(nb)), list(range(nb, nb + nwf))
-    out_perm = b + list(range(nb + nwf, nb + nwf + nxf)) + wf
-  size = lambda dims: math.prod(x_shape[i] for i in dims)
-  hb, s, k = size(xb), size(xf), size(xc)
-  j = math.prod(site.out.shape) // max(hb * s, 1)
-  return list(xb) + xf + list(xc), out_perm, (hb, s, k, j)
-
-
-def _canonical(site, x, d):
-  """``x`` as ``[N, Hb, S, K]`` and ``d`` as ``[N, Hb, S, J]``."""
-  x_perm, out_perm, (hb, s, k, j) = _dot_layout(site)
-  n = x.shape[0]
-  x = x.transpose([0] + [1 + i for i in x_perm]).reshape(n, hb, s, k)
-  d = d.transpose([0] + [1 + i for i in out_perm]).reshape(n, hb, s, j)
-  return x, d
-
-
-def _take_rows(site) -> bool:
-  """Whether a gather site is ``table[ids]`` (an embedding lookup)."""
-  dn = site.eqn.params["dimension_numbers"]
-  table = site.operand.shape
-  out_rank = len(site.out.shape)
-  return (
-    site.param_pos == 0
-    and tuple(dn.collapsed_slice_dims) == (0,)
-    and tuple(dn.start_index_map) == (0,)
-    and not dn.operand_batching_dims
-    and tuple(site.eqn.params["slice_sizes"]) == (1, *table[1:])
-    and tuple(dn.offset_dims)
-    == tuple(range(out_rank - len(table) + 1, out_rank))
-    and site.eqn.invars[1].aval.shape[-1] == 1
-  )
-
-
-def ghost_cost(site, n: int) -> float | None:
-  """FLOPs of the ghost Gram matrix of one site, or None if it has none."""
-  if site.kind == "dot_general":
-    hb, s, k, j = _dot_layout(site)[2]
-    return hb * (n * s) ** 2 * (k + j)
-  if site.kind == "gather" and _take_rows(site):
-    rows = math.prod(site.eqn.invars[1].aval.shape[:-1])
-    return (n * rows) ** 2 * math.prod(site.operand.shape[1:])
-  return None
-
-
-def materialize_cost(site, n: int) -> float:
-  """FLOPs of forming a ghost-able site's N microgradients and their Gram."""
-  p = math.prod(site.operand.shape)
-  if site.kind == "dot_general":
-    hb, s, k, j = _dot_layout(site)[2]
-    return n * hb * s * k * j + n * n * p
-  rows = math.prod(site.eqn.invars[1].aval.shape[:-1])
-  return n * rows * math.prod(site.operand.shape[1:]) + n * n * p
-
-
-def _ghost_gram(site, others, d, dtype):
-  """``[N, N]`` Gram matrix of one site from its captures alone."""
-  prec = _gram.PRECISION
-  if site.kind == "gather":
-    n = d.shape[0]
-    ids = others[0][..., 0].reshape(n, -1)
-    rows = site.operand.shape[0]
-    if site.eqn.params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
-      valid = (ids >= 0) & (ids < rows)
-    else:
-      ids, valid = jnp.clip(ids, 0, rows - 1), jnp.ones(ids.shape, bool)
-    d = d.reshape(n, ids.shape[1], -1)
-    dd = jnp.einsum(
-      "nsj,mtj->nsmt", d, d, precision=prec, preferred_element_type=dtype
-    )
-    same = ids[:, :, None, None] == ids[None, None, :, :]
-    same &= valid[:, :, None, None] & valid[None, None, :, :]
-    return jnp.sum(jnp.where(same, dd, 0), axis=(1, 3))
-  x, d = _canonical(site, others[0], d)
-  n, hb, s = x.shape[:3]
-  # Tokens of all microbatches as rows of one matrix: plain 2-D matmuls.
-  x = x.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
-  d = d.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
-  kw = {"precision": prec, "preferred_element_type": dtype}
-  prods = jnp.matmul(x, x.swapaxes(1, 2), **kw)
-  prods *= jnp.matmul(d, d.swapaxes(1, 2), **kw)
-  return prods.reshape(hb, n, s, n, s).sum(axis=(0, 2, 4))
-
-
-def per_example(site, others, d) -> jax.Array:
-  """The site's N microgradients ``[N, *operand]``, one layer at a time."""
-  zero = jnp.zeros(site.operand.shape, site.operand.dtype)
-
-  def one(others_n, d_n):
-    _, vjp = jax.vjp(lambda w: site.apply(w, others_n), zero)
-    return vjp(d_n.astype(site.out.dtype))[0]
-
-  return jax.vmap(one)(others, d)
-
-
-def weighted(site, others, wd) -> jax.Array:
-  """``sum_n`` of the site's microgradients at output gradients ``wd``."""
-  zero = jnp.zeros(site.operand.shape, site.operand.dtype)
-  layer = lambda w: jax.vmap(lambda o: site.apply(w, o))(others)
-  _, vjp = jax.vjp(layer, zero)
-  return vjp(wd.astype(site.out.dtype))[0]
-
-
-def _to_leaf(site, operand_grad, leaf_aval) -> jax.Array:
-  """Maps a gradient of the site's operand back to its parameter leaf."""
-  zero = jnp.zeros(leaf_aval.shape, leaf_aval.dtype)
-  _, vjp = jax.vjp(lambda leaf: _layers.replay_chain(site.chain, leaf), zero)
-  return vjp(operand_grad.astype(site.operand.dtype))[0]
-
-
 def _mask(ok, x):
   """Zeros the rows of unusable microbatches (``0 * nan`` is nan)."""
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
+  if ok is None or not jnp.issubdtype(x.dtype, jnp.inexact):
     return x
   return jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
@@ -249,7 +122,7 @@ class GhostMicrogradients:
       # x to at most 1, d takes the rest: g_n becomes f_n g_n.
       others, d = _rescaled_captures(site, others, d, f)
     if self.routes[i] == "ghost":
-      return _ghost_gram(site, others, d, dtype)
+      return _layer_grads.ghost_gram(site, others, d, dtype)
     g = self._examples(i)
     g = g if f is None else _scaled(g, f)
     return _gram.cross_gram(g, g, dtype)
@@ -259,7 +132,9 @@ class GhostMicrogradients:
     if i not in self._cache:
       k = self._site[i]
       site = self._plan.sites[k]
-      self._cache[i] = per_example(site, self._captures[k], self._cotangents[k])
+      self._cache[i] = _layer_grads.per_example(
+        site, self._captures[k], self._cotangents[k]
+      )
     return self._cache[i]
 
   def gram(self, leaves, per_leaf=False, factors=None) -> jax.Array:
@@ -289,16 +164,28 @@ class GhostMicrogradients:
   def combine(self, leaves, weights, usable) -> list[jax.Array]:
     """Stage 3: ``sum_n w_n g_n`` per leaf, in each leaf's dtype."""
     del leaves
+    for i, route in enumerate(self.routes):  # formed once, outside the cond
+      if route == "materialize":
+        self._examples(i)
+    # Unusable rows must be zeroed (0 * nan is nan): a pass over every
+    # capture, taken only on the rare step that needs it.
+    return jax.lax.cond(
+      jnp.all(usable),
+      lambda: self._combine(weights, None),
+      lambda: self._combine(weights, usable),
+    )
+
+  def _combine(self, weights, usable):
     out = []
     for i, aval in enumerate(self._avals):
       w = weights if weights.ndim == 1 else weights[i]
-      ok = usable if usable.ndim == 1 else usable[i]
+      ok = None if usable is None else usable if usable.ndim == 1 else usable[i]
       if i in self._direct:
         g = _weighted_rows(w, _mask(ok, self._direct[i]))
-      elif i in self._site and self.routes[i] == "materialize":
+      elif self.routes[i] == "materialize":
         site = self._plan.sites[self._site[i]]
         g = _weighted_rows(w, _mask(ok, self._examples(i)))
-        g = _to_leaf(site, g, aval)
+        g = _layer_grads.to_leaf(site, _layer_grads.to_operand(site, g), aval)
       elif i in self._site:  # the book-keeping combine: x^T (w * d)
         k = self._site[i]
         site, d = self._plan.sites[k], self._cotangents[k]
@@ -306,7 +193,8 @@ class GhostMicrogradients:
         wd = _mask(ok, d) * w.reshape((-1,) + (1,) * (d.ndim - 1)).astype(
           d.dtype
         )
-        g = _to_leaf(site, weighted(site, others, wd), aval)
+        g = _layer_grads.book_keeping(site, others, wd)
+        g = _layer_grads.to_leaf(site, g, aval)
       else:
         g = jnp.zeros(aval.shape, aval.dtype)
       out.append(g.astype(aval.dtype))
@@ -347,10 +235,10 @@ def _routes(plan, n: int, route: str) -> list[str]:
   routes = ["direct" if i in plan.direct else "unused"
             for i in range(plan.n_leaves)]  # fmt: skip
   for site in plan.sites:
-    ghost = ghost_cost(site, n)
+    ghost, materialize = _layer_grads.costs(site, n)
     if ghost is None or route == "materialize":
       routes[site.leaf] = "materialize"
-    elif route == "ghost" or ghost <= materialize_cost(site, n):
+    elif route == "ghost" or ghost <= materialize:
       routes[site.leaf] = "ghost"
     else:
       routes[site.leaf] = "materialize"

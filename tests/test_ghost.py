@@ -272,8 +272,8 @@ def test_nnx_embedding_attention_layernorm_conv_float64(route):
     np.testing.assert_allclose(grams, want_grams, rtol=1e-11, atol=1e-15)
     for got, expected in zip(combined, want):
       np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-15)
-  # Embedding, four attention kernels and the head; the conv has no ghost.
-  assert routes.count(route) == 6 + (route == "materialize")
+  # The embedding, four attention kernels, the conv (as patches), the head.
+  assert routes.count(route) == 7
   assert routes.count("direct") == 8  # biases and LayerNorm
 
 
