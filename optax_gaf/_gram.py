@@ -21,7 +21,7 @@ PRECISION = jax.lax.Precision.HIGHEST
 # 1e30) leave every Gram entry far from under- and overflow; the rules' sums
 # of up to N^2 of them also need N^2 * norm^2 below max / _SUM_HEADROOM.
 _SAFE_POWERS = (0.625, 0.78)
-_SUM_HEADROOM = 16.0
+_SUM_HEADROOM = 2.0
 
 # A microgradient whose largest entry is below this fraction of the largest
 # one's is rescaled to it for the decisions (see ``rescale_factors``).
@@ -172,17 +172,25 @@ def max_abs(leaves: Sequence[jax.Array]) -> jax.Array:
   return jnp.stack([one(x) for x in leaves])
 
 
+def sum_limit(dtype, n: int) -> float:
+  """The largest squared norm whose sums over N = ``n`` cannot overflow.
+
+  A running sum or a Gram sum of N microgradients has a squared norm up to
+  ``N^2`` times their largest (``||sum_i g_i|| <= sum_i ||g_i||``).
+  """
+  return float(jnp.finfo(dtype).max) / (_SUM_HEADROOM * max(n, 1) ** 2)
+
+
 def safe_window(dtype, n: int) -> tuple[float, float]:
   """The squared norms ``(low, high)`` that are safe for N = ``n``.
 
-  ``high`` is ``max**0.78`` (float32: about 1e30) up to about N = 8,000, and
-  ``max / (16 N^2)`` beyond: a running sum or a Gram sum of N microgradients
-  has a squared norm up to ``N^2`` times theirs.
+  ``high`` is ``max**0.78`` (float32: about 1e30) up to about N = 12,000,
+  and :func:`sum_limit` beyond (float32: ``1.7e38 / N^2``).
   """
   info = jnp.finfo(dtype)
   low = float(info.tiny) ** _SAFE_POWERS[0]
   high = float(info.max) ** _SAFE_POWERS[1]
-  return low, min(high, float(info.max) / (_SUM_HEADROOM * max(n, 1) ** 2))
+  return low, min(high, sum_limit(dtype, n))
 
 
 def in_safe_range(sq: jax.Array) -> jax.Array:
