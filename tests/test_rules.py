@@ -431,9 +431,9 @@ def test_tau_zero_accepts_bitwise_identical_microgradients(rule):
   np.testing.assert_allclose(updates, g[0], rtol=1e-6)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
-  n=st.sampled_from([2, 5, 16, 20, 40]),
+  n=st.sampled_from([2, 5, 20]),
   seed=st.integers(0, 2**31 - 1),
   log_scale=st.floats(-10, 10),
   spread=st.sampled_from([0.0, 3.0]),
@@ -445,7 +445,6 @@ def test_property_tau_zero_accepts_copies_and_positive_multiples(
   """Copies (spread 0) or positive multiples up to 1e3 apart, on the Gram
   route (N <= 16) and the block route (N > 16): all accepted at tau=0, with
   the float64 oracle's update (issue 19, item 4)."""
-  assume(rule != "medoid" or n <= 20)
   rng = np.random.default_rng(seed)
   g = [rng.normal(size=s) * 10.0**log_scale for s in SHAPES]
   c = 10.0 ** rng.uniform(-spread / 2, spread / 2, size=n)
