@@ -189,13 +189,16 @@ def _finish(carry, shrink, dtypes):
   return updates, out, diversity
 
 
-def _absorb_one(state, value, index, n, tau, shrink):
+def _absorb_one(state, value, index, n, tau, shrink, guard=True):
   """Folds one microgradient in at ``index``; counts it as fed.
 
-  Past N there is no slot: the carry stays as it is.
+  Past N there is no slot: with ``guard`` the carry stays as it is (one
+  select per carry entry; off where ``index < n`` is known).
   """
   carry, fed = state
   block = [x[None] for x in jax.tree.leaves(value)]
+  if not guard:
+    return _blockwise.absorb(carry, block, index, tau, shrink), fed + 1
   new = _blockwise.absorb(carry, block, jnp.minimum(index, n - 1), tau, shrink)
   carry = jax.tree.map(lambda a, b: jnp.where(index < n, a, b), new, carry)
   return carry, fed + 1
@@ -300,8 +303,8 @@ def streaming_grads(
       losses, acc_carry = carry
       loss, grad = one(i)
       losses = jax.tree.map(lambda l_, v: l_.at[i].set(v), losses, loss)
-      # i < n here: no runtime check needed (acc.update has one).
-      return losses, _absorb_one(acc_carry, grad, i, n, tau, shrink)
+      # i < n here: no check or guard needed (acc.update has both).
+      return losses, _absorb_one(acc_carry, grad, i, n, tau, shrink, False)
 
     losses, acc_carry = jax.lax.fori_loop(
       0, n, body, (losses0, acc.init(grad0))
