@@ -57,8 +57,13 @@ class AdaConsState(NamedTuple):
 def consensus_weights(gram, usable, sorted_momentum, first, momentum, rescale):
   """AdaCons from the sanitized Gram matrix.
 
-  Returns ``(weights [N], ready, coefficients [N], new sorted_momentum)``; the
-  update is ``sum_i weights[i] g_i``.
+  Returns ``(weights [N], length, ready, coefficients [N], new
+  sorted_momentum)``: ``sum_i weights[i] h_i``, with ``h_i`` the vectors of
+  ``gram``, is the direction (each ``h_i`` enters as ``h_i / ||h_i||``, so
+  any per-microgradient factor in them cancels), and ``length`` the factor
+  that gives it the mean's length (None without ``rescale``). A common
+  factor ``c`` in the ``h_i`` multiplies ``length`` by ``c``; the caller
+  divides.
   """
   n_ok = jnp.maximum(jnp.sum(usable), 1).astype(gram.dtype)
   norms = jnp.sqrt(jnp.diagonal(gram))
@@ -80,30 +85,40 @@ def consensus_weights(gram, usable, sorted_momentum, first, momentum, rescale):
   ready = jnp.any(usable) & (total > 0)
   alpha = jnp.where(ready, alpha / jnp.where(ready, total, 1.0), 0.0)
   weights = alpha * inv_norm
+  length = None
   if rescale:
     # The direction sum_i alpha_i g_i / ||g_i|| gets the plain mean's length.
     sq_dir = weights @ gram @ weights
     sq_mean = jnp.sum(gram) / n_ok**2
-    scale = jnp.where(
+    length = jnp.where(
       sq_dir > 0, jnp.sqrt(sq_mean / jnp.where(sq_dir > 0, sq_dir, 1.0)), 0.0
     )
-    weights = weights * scale
-  return weights.astype(gram.dtype), ready, alpha, sorted_raw
+  return weights.astype(gram.dtype), length, ready, alpha, sorted_raw
 
 
-def _check_args(momentum, num_microbatches, axis_name, collective) -> float:
-  momentum = float(momentum)
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must lie in [0, 1); got {momentum}.")
+def _check_args(momentum, num_microbatches, axis_name, collective):
+  """Returns ``(momentum, whether the momentum state is used)``.
+
+  A traced momentum (``optax.inject_hyperparams`` under ``jit``) is not
+  range-checked; it may be positive, so it needs ``num_microbatches``.
+  """
+  value = _checks.concrete_number(momentum, "momentum")
+  traced = value is None
+  if not traced:
+    momentum = value
+    if not 0.0 <= momentum < 1.0:
+      raise ValueError(f"momentum must lie in [0, 1); got {momentum}.")
   if num_microbatches is not None:
     _checks.num_microbatches(num_microbatches)
-  elif momentum > 0:
+  elif traced or momentum > 0:
     raise ValueError(
       "adacons(momentum > 0) keeps the sorted coefficients in the state and"
-      " needs num_microbatches=N to fix their shape."
+      " needs num_microbatches=N to fix their shape (with"
+      " optax.inject_hyperparams, which traces momentum, pass it and"
+      " static_args=('num_microbatches',))."
     )
   _placement.check_placement(axis_name, collective)
-  return momentum
+  return momentum, traced or momentum > 0
 
 
 def adacons(
@@ -162,15 +177,18 @@ def adacons(
     Choukroun, Azoulay and Kisilev, `Adaptive Consensus Gradients Aggregation
     for Scaled Distributed Training <https://arxiv.org/abs/2411.03742>`_, 2024.
   """
-  momentum = _check_args(momentum, num_microbatches, axis_name, collective)
+  momentum, use_momentum = _check_args(
+    momentum, num_microbatches, axis_name, collective
+  )
   if num_microbatches is not None:
     num_microbatches = _checks.num_microbatches(num_microbatches)
   return aggregating.Aggregator(
-    functools.partial(_init, num_microbatches),
-    functools.partial(
-      _update, num_microbatches, momentum, rescale, axis_name, collective
-    ),
-  )
+      functools.partial(_init, num_microbatches),
+      functools.partial(
+          _update, num_microbatches, momentum, use_momentum, rescale,
+          axis_name, collective,
+      ),
+  )  # fmt: skip
 
 
 def _init(num_microbatches, params):
@@ -184,7 +202,7 @@ def _init(num_microbatches, params):
 
 
 def _update(
-    num_microbatches, momentum, rescale, axis_name, collective,
+    num_microbatches, momentum, use_momentum, rescale, axis_name, collective,
     grads, state, params=None, **extra_args,
 ):  # fmt: skip
   del extra_args
@@ -197,16 +215,23 @@ def _update(
       f"adacons(num_microbatches={num_microbatches}) got {n} microgradients."
     )
   gram, usable, factors = _placement.statistics(placement, leaves)
-  weights, ready, alpha, sorted_m = consensus_weights(
+  weights, length, ready, alpha, sorted_m = consensus_weights(
     gram,
     usable,
-    state.sorted_momentum if momentum > 0 else None,
+    state.sorted_momentum if use_momentum else None,
     state.count == 0,
     momentum,
     rescale,
   )
-  # Its weights carry 1 / ||g_i||: they apply to the rescaled f_i g_i.
+  # The Gram matrix is of f_i g_i: weights carry 1 / ||f_i g_i||, so they
+  # take f_i once to apply to the g_i. The length is the mean's of the
+  # f_i g_i: c times the mean's of the g_i, for the common factor
+  # c = min_i f_i (larger f_i are below float32 resolution in the sums).
   weights = weights * factors
+  if rescale:
+    c = jnp.min(jnp.where(usable, factors, jnp.inf))
+    c = jnp.where(jnp.any(usable), c, 1.0)
+    weights = weights * (length * (1.0 / c))
   updates = treedef.unflatten(placement.combine(leaves, weights, usable))
   recorded = num_microbatches is not None
   new_state = AdaConsState(

@@ -34,7 +34,8 @@ class AndMaskState(NamedTuple):
     agreement_threshold: float32, the threshold used at the last step.
     mask_fraction: float32, the fraction of all coordinates kept.
     leaf_mask_fraction: float32 ``[L]``, the fraction kept in each leaf, in
-      ``jax.tree.leaves`` order; None when ``init`` got no params.
+      ``jax.tree.leaves`` order (0 for a zero-size leaf); None when ``init``
+      got no params.
   """
 
   count: jax.Array
@@ -47,11 +48,8 @@ class AndMaskState(NamedTuple):
 
 
 def _check_threshold(value) -> None:
-  try:
-    value = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return  # traced (inject_hyperparams)
-  if not 0.0 <= value <= 1.0:
+  value = _checks.concrete_number(value, "agreement_threshold")
+  if value is not None and not 0.0 <= value <= 1.0:  # None: traced
     raise ValueError(
       f"agreement_threshold is a fraction of sign agreement in [0, 1]; got"
       f" {value}."
@@ -143,6 +141,14 @@ def _update(
   del extra_args
   _checks.microgradients(grads, params)
   leaves, treedef = jax.tree.flatten(grads)
+  kept = state.leaf_mask_fraction
+  if kept is not None and kept.shape[0] != len(leaves):
+    raise ValueError(
+      f"and_mask was initialised with params of {kept.shape[0]} leaves but"
+      f" got microgradients with {len(leaves)}; leaf_mask_fraction keeps the"
+      " params' tree: init with params shaped like the microgradients (or"
+      " with None to record no per-leaf fractions)."
+    )
   placement = _placement.resolve_placement(leaves, axis_name, collective)
   gram, usable, _ = _placement.statistics(placement, leaves)
   threshold = _threshold_at(agreement_threshold, state.count)
@@ -155,7 +161,9 @@ def _update(
     **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
     agreement_threshold=threshold,
     # Weighted in float32: an int32 count would overflow past 2**31.
-    mask_fraction=jnp.sum(fractions * (sizes / sizes.sum()).astype(np.float32)),
+    mask_fraction=jnp.sum(
+      fractions * (sizes / max(sizes.sum(), 1.0)).astype(np.float32)
+    ),
     leaf_mask_fraction=None if state.leaf_mask_fraction is None else fractions,
   )
   return treedef.unflatten(out), new_state
@@ -176,7 +184,10 @@ def _masked_mean(placement, leaves, usable, threshold, rescale):
   sign_sums = placement.combine(signs, jnp.ones([n], jnp.float32), usable)
   means = placement.combine(leaves, jnp.ones([n], jnp.float32) / n_ok, usable)
   masks = [jnp.abs(s) / n_ok >= threshold for s in sign_sums]
-  fractions = jnp.stack([jnp.mean(m, dtype=jnp.float32) for m in masks])
+  # A zero-size leaf keeps no coordinate (jnp.mean would give NaN).
+  fractions = jnp.stack(
+    [jnp.mean(m, dtype=jnp.float32) if m.size else 0.0 for m in masks]
+  )
   out = []
   for mean, mask, frac in zip(means, masks, fractions):
     y = jnp.where(mask, mean, jnp.zeros((), mean.dtype))

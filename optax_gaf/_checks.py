@@ -51,6 +51,26 @@ def num_microbatches(value: Any, minimum: int = 2) -> int:
   return n
 
 
+def concrete_number(value: Any, name: str) -> float | None:
+  """A hyperparameter as a float, or None when it is traced.
+
+  ``optax.inject_hyperparams`` calls the factory under ``jit`` with its
+  numeric arguments traced: those pass unchecked (their first, concrete
+  values were checked when the optimizer was built).
+
+  Raises:
+    TypeError: if ``value`` is neither a number nor traced.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, bool | str | bytes):
+    raise TypeError(f"{name} must be a number; got {value!r}.")
+  try:
+    return float(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be a number; got {value!r}.") from e
+
+
 def choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
   """Returns ``value`` if it is one of ``choices``, else raises ValueError."""
   if value not in choices:

@@ -43,9 +43,10 @@ class GAFState(NamedTuple):
     gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over the
       usable microgradients (Yin et al. 2018), free from the Gram matrix.
     tau: float32, the threshold used at the last step.
-    num_accepted: int32, the number of marks in the step's ``accepted``.
-    acceptance_rate: float32, ``num_accepted / N`` at the last step (per leaf
-      averaged over leaves).
+    num_accepted: int32, the number of marks in the step's ``accepted``
+      (with ``per_leaf``: over all leaves, up to ``L x N``).
+    acceptance_rate: float32, ``num_accepted / N`` at the last step (per
+      leaf: ``/ (L x N)``, the mean of ``leaf_acceptance_rate``).
     accepted: bool ``[N]``, the anchor and every microgradient taken into the
       result (on a no-agreement step, the anchor only). None unless
       ``num_microbatches`` was given; ``[L, N]`` with ``per_leaf``.
@@ -108,7 +109,8 @@ def _resolve_rule(rule: Any, temperature: float | None) -> rules.Rule:
     return rule
   if rule is not rules.soft:
     raise ValueError(f"temperature is a parameter of rule='soft', not {rule}.")
-  if not float(temperature) > 0:
+  value = _checks.concrete_number(temperature, "temperature")
+  if value is not None and not value > 0:  # None: traced, not checked
     raise ValueError(f"temperature must be > 0; got {temperature}.")
   return functools.partial(rules.soft, temperature=temperature)
 
@@ -492,9 +494,12 @@ def streamed(num_microbatches: int | None = None) -> aggregating.Aggregator:
         f"streamed(num_microbatches={n}) got FilteredGradients of"
         f" {filtered.accepted.shape[-1]} microgradients."
       )
-    return filtered.updates, _record(
-      state, filtered, filtered.tau, filtered.gradient_diversity
-    )
+    state = _record(state, filtered, filtered.tau, filtered.gradient_diversity)
+    if filtered.num_microgradients is not None:  # fewer fed than N
+      fed = jnp.maximum(filtered.num_microgradients, 1)
+      rate = (state.num_accepted / fed).astype(jnp.float32)
+      state = state._replace(acceptance_rate=rate)
+    return filtered.updates, state
 
   return aggregating.Aggregator(init_fn, update_fn)
 
@@ -558,7 +563,7 @@ def ghost_grads(
     leaves = ghost.virtual_leaves
     t = jnp.asarray(tau, _gram.stat_dtype(leaves))
     updates, out, diversity = _route(config, ghost, leaves, t)
-    filtered = _streaming.filtered(
+    filtered = _streaming._filtered(
       ghost.treedef.unflatten(updates), out, tau, diversity
     )
     return values, filtered

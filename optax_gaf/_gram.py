@@ -18,9 +18,10 @@ import jax.numpy as jnp
 PRECISION = jax.lax.Precision.HIGHEST
 
 # Squared norms inside [tiny**0.625, max**0.78] (float32: about 1e-24 to
-# 1e30) leave every Gram entry, and the rules' sums of up to N^2 of them, far
-# from under- and overflow.
+# 1e30) leave every Gram entry far from under- and overflow; the rules' sums
+# of up to N^2 of them also need N^2 * norm^2 below max / _SUM_HEADROOM.
 _SAFE_POWERS = (0.625, 0.78)
+_SUM_HEADROOM = 2.0
 
 # A microgradient whose largest entry is below this fraction of the largest
 # one's is rescaled to it for the decisions (see ``rescale_factors``).
@@ -157,26 +158,49 @@ def gradient_diversity(gram_matrix: jax.Array) -> jax.Array:
 def max_abs(leaves: Sequence[jax.Array]) -> jax.Array:
   """``[L, n]``: the largest ``|entry|`` of each microgradient, per leaf.
 
-  In :func:`stat_dtype`; NaN where a microgradient holds a NaN.
+  In :func:`stat_dtype`; NaN where a microgradient holds a NaN; 0 for a
+  zero-size leaf, which adds nothing to the Gram matrix.
   """
   dtype = stat_dtype(leaves)
-  return jnp.stack(
-    [
-      jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), axis=1).astype(dtype)
-      for x in leaves
-    ]
-  )
+
+  def one(x):
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[1] == 0:  # jnp.max has no identity for an empty axis
+      return jnp.zeros([x.shape[0]], dtype)
+    return jnp.max(jnp.abs(flat), axis=1).astype(dtype)
+
+  return jnp.stack([one(x) for x in leaves])
+
+
+def sum_limit(dtype, n: int) -> float:
+  """The largest squared norm whose sums over N = ``n`` cannot overflow.
+
+  A running sum or a Gram sum of N microgradients has a squared norm up to
+  ``N^2`` times their largest (``||sum_i g_i|| <= sum_i ||g_i||``).
+  """
+  return float(jnp.finfo(dtype).max) / (_SUM_HEADROOM * max(n, 1) ** 2)
+
+
+def safe_window(dtype, n: int) -> tuple[float, float]:
+  """The squared norms ``(low, high)`` that are safe for N = ``n``.
+
+  ``high`` is ``max**0.78`` (float32: about 1e30) up to about N = 12,000,
+  and :func:`sum_limit` beyond (float32: ``1.7e38 / N^2``).
+  """
+  info = jnp.finfo(dtype)
+  low = float(info.tiny) ** _SAFE_POWERS[0]
+  high = float(info.max) ** _SAFE_POWERS[1]
+  return low, min(high, sum_limit(dtype, n))
 
 
 def in_safe_range(sq: jax.Array) -> jax.Array:
-  """Whether every squared norm ``sq`` (a Gram diagonal) is in the safe window.
+  """Whether every squared norm ``sq [..., N]`` (a Gram diagonal) is safe.
 
-  Out of it are under- and overflowed microgradients, but also zero and
-  non-finite ones: those take the rescaled route too, which excludes them.
+  Out of the window of :func:`safe_window` are under- and overflowed
+  microgradients, but also zero and non-finite ones: those take the
+  rescaled route too, which excludes them.
   """
-  info = jnp.finfo(sq.dtype)
-  low = float(info.tiny) ** _SAFE_POWERS[0]
-  high = float(info.max) ** _SAFE_POWERS[1]
+  low, high = safe_window(sq.dtype, sq.shape[-1])
   return jnp.all((sq >= low) & (sq <= high))
 
 

@@ -120,6 +120,22 @@ def _is_bound(axis_name: AxisName) -> bool:
   return True
 
 
+def _check_device_axis(axis_name: AxisName) -> None:
+  """Raises unless every bound name is a device axis, not a ``jax.vmap`` one.
+
+  ``shard_map`` and ``pmap`` axes are the Manual axes of the context mesh.
+  """
+  manual = jax.sharding.get_abstract_mesh().manual_axes
+  vmapped = [a for a in _names(axis_name) if a not in manual]
+  if vmapped:
+    raise ValueError(
+      f"axis_name={axis_name!r}: {vmapped} is a jax.vmap axis, not a device"
+      " axis; the placements' collectives need jax.shard_map or jax.pmap."
+      " Under jax.vmap, stack the microgradients on their leading axis"
+      " (e.g. with optax_gaf.microbatch_grads) and leave axis_name=None."
+    )
+
+
 def _unbound_error(axis_name: AxisName) -> ValueError:
   return ValueError(
     f"gaf(axis_name={axis_name!r}): the axis name is not bound here. Call"
@@ -598,6 +614,7 @@ def resolve_placement(
       return LocalPlacement()
     return MeshPlacement(*found, _param_specs(params)).hold(leaves)
   if _is_bound(axis_name):
+    _check_device_axis(axis_name)
     if collective == "all_gather":
       return AllGatherPlacement(axis_name).hold(leaves)
     layouts = _local_layouts(leaves, params, axis_name)

@@ -41,6 +41,9 @@ class FilteredGradients(NamedTuple):
     weights: float32 ``[N]``, ``updates = sum_i weights[i] * g_i``.
     gradient_diversity: float32, ``sum_i ||g_i||^2 / ||sum_i g_i||^2`` over
       the usable microgradients.
+    num_microgradients: int32, how many were fed: N, or fewer when the loop
+      stopped early (``num_real_microbatches``); the slots past it are not
+      accepted and their distance is NaN. ``acceptance_rate`` divides by it.
   """
 
   updates: Any
@@ -50,6 +53,7 @@ class FilteredGradients(NamedTuple):
   cosine_distance: jax.Array
   weights: jax.Array
   gradient_diversity: jax.Array
+  num_microgradients: jax.Array | None = None
 
 
 def running_shrink(rule: Any) -> float | None:
@@ -73,7 +77,7 @@ def _check_stream_args(tau, rule) -> float:
   return shrink
 
 
-def filtered(updates, out, tau, diversity) -> FilteredGradients:
+def _filtered(updates, out, tau, diversity) -> FilteredGradients:
   return FilteredGradients(
     updates=updates,
     ready=out.ready,
@@ -104,7 +108,10 @@ def gaf_accumulator(
 
   Returns:
     An accumulator whose ``finalize`` gives :class:`FilteredGradients`. Its
-    ``aggregate`` (used by ``micro_vmap``) filters stacked microgradients.
+    ``aggregate`` filters stacked microgradients. More than N fed is an
+    error when the result is read; fewer (``num_real_microbatches``) are
+    filtered as they are. ``micro_vmap``, which would filter the filtered
+    chunks again, is refused.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_gaf
@@ -124,27 +131,112 @@ def gaf_accumulator(
   meta = {}
 
   def init(value):
+    _refuse_filtered(value)
     leaves, meta["treedef"] = jax.tree.flatten(value)
     meta["dtypes"] = [x.dtype for x in leaves]
     dtype = _gram.stat_dtype(leaves)
-    return _blockwise.init_carry([x.shape for x in leaves], n, dtype)
+    carry = _blockwise.init_carry([x.shape for x in leaves], n, dtype)
+    return carry, jnp.zeros([], jnp.int32)
 
-  def update(carry, value, index):
-    block = [x[None] for x in jax.tree.leaves(value)]
-    return _blockwise.absorb(carry, block, index, tau, shrink)
+  def update(state, value, index):
+    _refuse_filtered(value)
+    index = jnp.asarray(index, jnp.int32)
+    _raise_if(index >= n, _too_many, index, n)
+    return _absorb_one(state, value, index, n, tau, shrink)
 
-  def finalize(carry):
-    updates, out, diversity = _blockwise.finish(carry, shrink, meta["dtypes"])
-    return filtered(meta["treedef"].unflatten(updates), out, tau, diversity)
+  def finalize(state):
+    carry, fed = state
+    updates, out, diversity = _finish(carry, shrink, meta["dtypes"])
+    # Slots never fed (num_real_microbatches < N) were not compared.
+    fed_mask = jnp.arange(n) < fed
+    out = out._replace(
+      cosine_distance=jnp.where(fed_mask, out.cosine_distance, jnp.nan)
+    )
+    updates = meta["treedef"].unflatten(updates)
+    filtered = _filtered(updates, out, tau, diversity)
+    return filtered._replace(num_microgradients=jnp.minimum(fed, n))
 
   def aggregate(values):
+    _refuse_filtered(values)
     leaves, treedef = jax.tree.flatten(values)
     carry = _blockwise.filter_blocks(leaves, tau, shrink)
     dtypes = [x.dtype for x in leaves]
-    updates, out, diversity = _blockwise.finish(carry, shrink, dtypes)
-    return filtered(treedef.unflatten(updates), out, tau, diversity)
+    updates, out, diversity = _finish(carry, shrink, dtypes)
+    filtered = _filtered(treedef.unflatten(updates), out, tau, diversity)
+    return filtered._replace(num_microgradients=jnp.int32(leaves[0].shape[0]))
 
   return optax.microbatching.Accumulator(init, update, finalize, aggregate)
+
+
+def _finish(carry, shrink, dtypes):
+  """:func:`_blockwise.finish`, a no-agreement step where sums may overflow.
+
+  Nothing here rescales: the running sums of N microgradients reach ``N^2``
+  times their squared norms, so these must stay below
+  :func:`optax_gaf._gram.sum_limit` (float32: norms below about
+  ``1.3e19 / N``). Beyond it later distances would read as 1: the step is
+  refused.
+  """
+  updates, out, diversity = _blockwise.finish(carry, shrink, dtypes)
+  sq = jnp.where(jnp.isfinite(carry.sq_norms), carry.sq_norms, 0.0)
+  ok = jnp.max(sq) <= _gram.sum_limit(sq.dtype, sq.shape[-1])
+  out = out._replace(
+    weights=jnp.where(ok, out.weights, 0.0),
+    ready=out.ready & ok,
+    accepted=jnp.where(ok, out.accepted, out.accepted & ~carry.agreed),
+  )
+  updates = [jnp.where(ok, u, jnp.zeros((), u.dtype)) for u in updates]
+  return updates, out, diversity
+
+
+def _absorb_one(state, value, index, n, tau, shrink, guard=True):
+  """Folds one microgradient in at ``index``; counts it as fed.
+
+  Past N there is no slot: with ``guard`` the carry stays as it is (one
+  select per carry entry; off where ``index < n`` is known).
+  """
+  carry, fed = state
+  block = [x[None] for x in jax.tree.leaves(value)]
+  if not guard:
+    return _blockwise.absorb(carry, block, index, tau, shrink), fed + 1
+  new = _blockwise.absorb(carry, block, jnp.minimum(index, n - 1), tau, shrink)
+  carry = jax.tree.map(lambda a, b: jnp.where(index < n, a, b), new, carry)
+  return carry, fed + 1
+
+
+def _refuse_filtered(value) -> None:
+  if isinstance(value, FilteredGradients):
+    raise TypeError(
+      "gaf_accumulator got FilteredGradients as a microgradient: inside"
+      " optax.microbatching.micro_vmap its aggregate filters each chunk and"
+      " the chunks' results would be filtered again, bookkeeping included."
+      " Use optax.microbatching.microbatch(jax.grad(loss), ...,"
+      " microbatch_size=1, accumulator=gaf_accumulator(...)) for one"
+      " microgradient per microbatch, optax_gaf.streaming_grads, or"
+      " optax_gaf.microbatch_grads with gaf()."
+    )
+
+
+def _too_many(index, n):
+  raise ValueError(
+    f"gaf_accumulator(num_microbatches={n}) was fed microgradient index"
+    f" {int(index)}: more microbatches than declared. Set num_microbatches"
+    " to the number the loop feeds (batch size / microbatch_size for"
+    " optax.microbatching.microbatch)."
+  )
+
+
+def _raise_if(pred, fn, *args) -> None:
+  """Calls ``fn(*args)`` (which raises) on the host when ``pred`` holds.
+
+  The index is traced inside the loop, so this is a runtime check: under
+  ``jit`` the error surfaces when the result is read.
+  """
+  jax.lax.cond(
+    pred,
+    lambda: jax.debug.callback(fn, *args),
+    lambda: None,
+  )
 
 
 def streaming_grads(
@@ -190,12 +282,14 @@ def streaming_grads(
     >>> optax_gaf.stats(state)["ready"]  # orthogonal: nothing agrees
     Array(False, dtype=bool)
   """
-  _check_stream_args(tau, rule)
+  shrink = _check_stream_args(tau, rule)
   n = _checks.num_microbatches(num_microbatches)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
   def fn(params, batch, *args):
+    # jnp: a NumPy batch cannot be indexed with the loop's traced index.
     micro = _microbatching.split_microbatches(batch, n)
+    micro = jax.tree.map(jnp.asarray, micro)
 
     def one(i):
       b = jax.tree.map(lambda x: x[i], micro)
@@ -209,7 +303,8 @@ def streaming_grads(
       losses, acc_carry = carry
       loss, grad = one(i)
       losses = jax.tree.map(lambda l_, v: l_.at[i].set(v), losses, loss)
-      return losses, acc.update(acc_carry, grad, i)
+      # i < n here: no check or guard needed (acc.update has both).
+      return losses, _absorb_one(acc_carry, grad, i, n, tau, shrink, False)
 
     losses, acc_carry = jax.lax.fori_loop(
       0, n, body, (losses0, acc.init(grad0))

@@ -108,7 +108,7 @@ def check_tau(tau: Any, allow_schedule: bool = True) -> None:
     tau = tau(0)
   if isinstance(tau, jax.core.Tracer):
     return  # traced (e.g. inject_hyperparams under jit): checked at step 0
-  if isinstance(tau, bool | str | bytes):
+  if tau is None or isinstance(tau, bool | str | bytes):
     raise TypeError(f"tau must be a number; got {tau!r}.")
   try:
     value = np.asarray(tau, dtype=np.float64)

@@ -100,6 +100,23 @@ class Rule(Protocol):
     """
 
 
+# Cosine distances within this many ulps of the statistics' dtype above tau
+# count as within tau: the rounding of the Gram entries and of the running
+# sums (a few ulps, measured up to 3 for 256 copies) must not turn exact
+# alignment into a rejection at tau=0 (docs/guides/semantics.md).
+TAU_SLACK_ULPS = 64
+
+
+def within_tau(dist, tau):
+  """``dist <= tau`` up to rounding: ``TAU_SLACK_ULPS`` ulps of slack.
+
+  NaN distances are never within tau.
+  """
+  dist = jnp.asarray(dist)
+  slack = TAU_SLACK_ULPS * jnp.finfo(dist.dtype).eps
+  return dist <= tau + slack
+
+
 def cosine_distance(dot, sq_norm_a, sq_norm_b):
   """``1 - cos`` from an inner product and two squared norms, in ``[0, 2]``.
 
@@ -159,7 +176,7 @@ def stream_decisions(
     dot = alpha * cross_j + jnp.dot(row, w, precision=_gram.PRECISION)
     dist = cosine_distance(dot, sq_j, sq)
     is_anchor = ok & ~has
-    agrees = ok & has & (dist <= tau)
+    agrees = ok & has & within_tau(dist, tau)
     e_j = jax.nn.one_hot(j, n, dtype=dtype)
     alpha = jnp.where(agrees, shrink * alpha, alpha)
     w = jnp.where(is_anchor, e_j, jnp.where(agrees, shrink * (w + e_j), w))
@@ -200,7 +217,8 @@ def sequential(gram, usable, tau) -> RuleOutput:
   """The paper's Algorithm 1 against the running mean of accepted ones.
 
   The first usable microgradient is the anchor; each later one is accepted iff
-  its cosine distance to the mean of those accepted so far is ``<= tau``. The
+  its cosine distance to the mean of those accepted so far is ``<= tau`` (up
+  to rounding: ``within_tau``). The
   output weights are ``1/k`` on the ``k`` accepted microgradients.
   """
   s = stream_decisions(gram, usable, tau, 1.0)
@@ -231,7 +249,7 @@ def _medoid_anchor(gram, usable, tau):
   n = gram.shape[-1]
   dist = cosine_distance_matrix(gram)
   pair = usable[:, None] & usable[None, :] & ~jnp.eye(n, dtype=bool)
-  neighbours = pair & (dist <= tau)
+  neighbours = pair & within_tau(dist, tau)
   counts = jnp.where(usable, jnp.sum(neighbours, axis=1), -1)
   # argmax returns the first maximum: ties go to the lowest index.
   anchor = jnp.argmax(counts)
@@ -276,11 +294,14 @@ def soft(gram, usable, tau, temperature=0.05) -> RuleOutput:
   ``accepted`` marks ``d_i <= tau`` (weight >= 1/2).
   """
   is_anchor, has_anchor, _, to_anchor = _medoid_anchor(gram, usable, tau)
-  z = (tau - jnp.where(usable, to_anchor, 0.0)) / temperature
+  # Distances within the rounding slack of tau count as at tau.
+  d = jnp.where(usable, to_anchor, 0.0)
+  d = jnp.where(within_tau(d, tau), jnp.minimum(d, tau), d)
+  z = (tau - d) / temperature
   w = jnp.where(usable, jax.nn.sigmoid(z), 0.0)
   ready = has_anchor & (jnp.sum(jnp.where(is_anchor, 0.0, w)) >= 0.5)
   weights = jnp.where(ready, w / jnp.where(ready, jnp.sum(w), 1.0), 0.0)
-  accepted = jnp.where(ready, usable & (to_anchor <= tau), is_anchor)
+  accepted = jnp.where(ready, usable & within_tau(to_anchor, tau), is_anchor)
   return RuleOutput(weights.astype(gram.dtype), ready, accepted, to_anchor)
 
 

@@ -129,3 +129,119 @@ def test_num_microbatches_mismatch():
   tx = optax_gaf.adacons(num_microbatches=3)
   with pytest.raises(ValueError, match="got 2 microgradients"):
     tx.update(jnp.ones((2, 2)), tx.init(jnp.zeros(2)))
+
+
+# --- issue 19: the rescaled route applies its factors once
+
+
+def _adacons_oracle_update(x):
+  want, _, _ = oracle.adacons(np.asarray(x, np.float64))
+  return want
+
+
+@pytest.mark.parametrize(
+  "x",
+  [
+    [[3.0, 4.0], [3.0, 4.0], [0.0, 0.0]],  # a zero row
+    [[3e-13, 4e-13], [3e-13, 4e-13], [3e-13, 4.1e-13]],  # norms below 1e-12
+    [[3e16, 4e16], [3e16, 4e16], [3e16, 4.1e16]],  # norms above 1e15
+    [[3.0, 4.0], [3.0, 4.0], [np.nan, 1.0]],  # a NaN row
+  ],
+  ids=["zero_row", "1e-13", "1e16", "nan_row"],
+)
+def test_rescaled_step_has_the_mean_length(x):
+  """The regression: every such step came out scaled by 1 / max |entry|."""
+  x = jnp.asarray(x, jnp.float32)
+  want = _adacons_oracle_update(x)
+  tx = optax_gaf.adacons(num_microbatches=3)
+  updates, _ = jax.jit(tx.update)(x, tx.init(jnp.zeros(2)))
+  np.testing.assert_allclose(updates, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-14, 1e17])
+def test_rescaled_step_in_shard_map_equals_oracle(scale):
+  rng = np.random.default_rng(helpers.seed_of("adacons_shard_map", scale))
+  x = rng.normal(size=(helpers.D, 5)) + 2.0
+  x[3] = 0.0  # unusable: the rescaled route
+  x = jnp.asarray(x * scale, jnp.float32)
+  agg = optax_gaf.adacons(num_microbatches=helpers.D, axis_name="data")
+  update = helpers.shard_map_update(agg)
+  updates, _ = update(helpers.shard(x), agg.init(jnp.zeros(5)))
+  want = _adacons_oracle_update(x)
+  np.testing.assert_allclose(updates, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+_RESCALED = {}
+
+
+def _adacons_update(n, rescale):
+  if (n, rescale) not in _RESCALED:
+    tx = optax_gaf.adacons(num_microbatches=n, rescale=rescale)
+    _RESCALED[n, rescale] = (tx, jax.jit(tx.update))
+  return _RESCALED[n, rescale]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+  n=st.sampled_from([3, 6]),
+  seed=st.integers(0, 2**31 - 1),
+  log_scale=st.floats(-17, 17),
+  log_outlier=st.floats(-8, 8),
+  bad=st.sampled_from(["none", "zero", "nan", "inf"]),
+  rescale=st.booleans(),
+)
+def test_property_any_scale_and_unusable_rows_match_oracle(
+  n, seed, log_scale, log_outlier, bad, rescale
+):
+  """Any common scale (both sides of the window), one microgradient further
+  off, and an unusable one: the float64 oracle's update. Would have found the
+  double-applied rescale factor (issue 19, item 1)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 7)) + 1.5  # mostly agreeing: coefficients > 0
+  x[1] *= 10.0**log_outlier
+  if bad != "none":
+    x[n - 1] = {"zero": 0.0, "nan": np.nan, "inf": np.inf}[bad]
+  x *= 10.0**log_scale
+  x = x.astype(np.float32)
+  flat = np.asarray(x, np.float64)
+  want, alpha, _ = oracle.adacons(flat, rescale=rescale)
+  tx, update = _adacons_update(n, rescale)
+  updates, state = update(jnp.asarray(x), tx.init(jnp.zeros(7)))
+  assert bool(state.ready) == (want is not None)
+  if want is None:
+    np.testing.assert_array_equal(updates, 0.0)
+  else:
+    scale = np.max(np.abs(want))
+    np.testing.assert_allclose(updates, want, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(state.coefficients, alpha, rtol=1e-4, atol=1e-6)
+
+
+# --- issue 19: momentum under inject_hyperparams
+
+
+def test_inject_hyperparams_traces_momentum_under_jit():
+  rng = np.random.default_rng(helpers.seed_of("adacons_inject"))
+  steps = [jnp.asarray(rng.normal(size=(3, 4)) + 1.0, jnp.float32)]
+  steps.append(jnp.asarray(rng.normal(size=(3, 4)) + 1.0, jnp.float32))
+  injected = optax.inject_hyperparams(
+    optax_gaf.adacons, static_args=("num_microbatches",)
+  )(momentum=0.5, num_microbatches=3)
+  plain = optax_gaf.adacons(0.5, num_microbatches=3)
+  s_inj, s_plain = injected.init(jnp.zeros(4)), plain.init(jnp.zeros(4))
+  for g in steps:
+    u_inj, s_inj = jax.jit(injected.update)(g, s_inj)
+    u_plain, s_plain = plain.update(g, s_plain)
+    np.testing.assert_allclose(u_inj, u_plain, rtol=1e-6)
+  s_inj.hyperparams["momentum"] = jnp.asarray(0.0)
+  u_inj, _ = jax.jit(injected.update)(steps[0], s_inj)
+  u_plain, _ = optax_gaf.adacons(num_microbatches=3).update(
+    steps[0], optax_gaf.adacons(num_microbatches=3).init(jnp.zeros(4))
+  )
+  np.testing.assert_allclose(u_inj, u_plain, rtol=1e-6)
+
+
+def test_traced_momentum_without_num_microbatches_says_what_to_do():
+  tx = optax.inject_hyperparams(optax_gaf.adacons)(momentum=0.0)
+  state = tx.init(jnp.zeros(2))
+  with pytest.raises(ValueError, match="static_args=\\('num_microbatches',\\)"):
+    jax.jit(tx.update)(jnp.ones((2, 2)), state)

@@ -123,3 +123,40 @@ def test_threshold_out_of_range(threshold):
     optax_gaf.and_mask(threshold)
   with pytest.raises(ValueError, match="agreement_threshold"):
     optax_gaf.and_mask(lambda count: threshold)
+
+
+def test_threshold_that_is_no_number():
+  with pytest.raises(TypeError, match="agreement_threshold must be a number"):
+    optax_gaf.and_mask("high")
+
+
+# --- issue 19
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_zero_size_leaf_keeps_the_fractions_finite(scale):
+  x = np.array([[1.0, 2.0, -1.0], [3.0, -2.0, -3.0]], np.float32)
+  grads = {"a": jnp.asarray(x), "e": jnp.zeros((2, 0))}
+  updates, state = _run(grads, 1.0, scale)
+  want = oracle.and_mask([x], 1.0, scale)[0]
+  np.testing.assert_allclose(updates["a"], want, rtol=1e-6)
+  assert updates["e"].shape == (0,)
+  np.testing.assert_allclose(state.leaf_mask_fraction, [2 / 3, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(state.mask_fraction, 2 / 3, rtol=1e-6)
+  # Only zero-size leaves: nothing kept, nothing to divide by.
+  updates, state = _run({"e": jnp.zeros((2, 0))}, 1.0, scale)
+  assert updates["e"].shape == (0,) and not bool(state.ready)
+  assert float(state.mask_fraction) == 0.0
+
+
+def test_another_tree_than_init_is_refused():
+  """leaf_mask_fraction is shaped by init's params: a tree with more leaves
+  would silently change its shape (issue 19, item 10)."""
+  tx = optax_gaf.and_mask(0.5)
+  state = tx.init({"a": jnp.zeros(2)})
+  grads = {"a": jnp.ones((3, 2)), "b": jnp.ones((3, 4))}
+  with pytest.raises(ValueError, match="initialised with params of 1 leaves"):
+    tx.update(grads, state)
+  # init without params records no per-leaf fractions: any tree goes.
+  _, state = tx.update(grads, tx.init(None))
+  assert state.leaf_mask_fraction is None

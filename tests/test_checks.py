@@ -1,5 +1,7 @@
 """Input checks shared by every aggregator (optax_gaf/_checks.py)."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,55 @@ def test_empty_pytree_is_refused():
 
 def test_microgradients_returns_n():
   assert _checks.microgradients({"a": jnp.ones((5, 2)), "b": jnp.ones(5)}) == 5
+
+
+# --- issue 19: every numeric hyperparameter may be traced by inject_hyperparams
+
+# Per factory: a valid value for every numeric argument, and other arguments
+# it needs. num_microbatches sets shapes: it goes in static_args.
+_INJECTED = {
+  optax_gaf.gaf: (
+    {"tau": 0.5, "temperature": 0.1, "num_microbatches": 3},
+    {"rule": "soft"},
+  ),
+  optax_gaf.adacons: ({"momentum": 0.5, "num_microbatches": 3}, {}),
+  optax_gaf.and_mask: ({"agreement_threshold": 0.5}, {}),
+}
+
+
+def _numeric_arguments(factory):
+  def numeric(annotation):
+    text = str(annotation)
+    return "float" in text or text.startswith(("int", "<class 'int'>"))
+
+  params = inspect.signature(factory).parameters
+  return {k for k, p in params.items() if numeric(p.annotation)}
+
+
+@pytest.mark.parametrize("factory", list(_INJECTED), ids=lambda f: f.__name__)
+def test_every_numeric_hyperparameter_can_be_traced(factory):
+  """inject_hyperparams traces every int or float argument under jit: none
+  may reach float() or int() (temperature and momentum did, issue 19)."""
+  values, others = _INJECTED[factory]
+  assert set(values) == _numeric_arguments(factory)  # a new one: list it
+  static = [k for k in values if k == "num_microbatches"]
+  tx = optax.inject_hyperparams(factory, static_args=static)(**values, **others)
+  plain = factory(**values, **others)
+  g = jnp.asarray([[1.0, 0.0], [1.0, 0.3], [0.8, -0.1]])
+  state = tx.init(jnp.zeros(2))
+  assert set(state.hyperparams) == set(values) - {"num_microbatches"}
+  got, _ = jax.jit(tx.update)(g, state)
+  want, _ = plain.update(g, plain.init(jnp.zeros(2)))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_concrete_number():
+  assert _checks.concrete_number(np.float32(0.5), "x") == 0.5
+  assert _checks.concrete_number(jnp.asarray(2), "x") == 2.0
+  with pytest.raises(TypeError, match="x must be a number; got 'a'"):
+    _checks.concrete_number("a", "x")
+  with pytest.raises(TypeError, match="x must be a number; got True"):
+    _checks.concrete_number(True, "x")
+  seen = []
+  jax.jit(lambda v: seen.append(_checks.concrete_number(v, "x")) or v)(1.0)
+  assert seen == [None]  # traced: not checked

@@ -52,6 +52,11 @@ EXAMPLE_MODULES = {
 }
 
 
+# Seconds per example script: generous, so that only a hang fails on a
+# loaded machine.
+SCRIPT_TIMEOUT = 900
+
+
 def _run(script, *args, cwd):
   """Runs ``python examples/<script> args`` from ``cwd``.
 
@@ -60,15 +65,21 @@ def _run(script, *args, cwd):
   """
   package_root = pathlib.Path(optax_gaf.__file__).resolve().parents[1]
   env = {**os.environ, "PYTHONPATH": str(package_root)}
-  out = subprocess.run(
-    [sys.executable, str(EXAMPLES / script), *args],
-    cwd=cwd,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-    env=env,
-  )
+  try:
+    out = subprocess.run(
+      [sys.executable, str(EXAMPLES / script), *args],
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      timeout=SCRIPT_TIMEOUT,
+      check=False,
+      env=env,
+    )
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(
+      f"examples/{script} did not finish in {SCRIPT_TIMEOUT} s (a generous"
+      f" bound, for a loaded machine); its last output:\n{e.stdout!r}"
+    )
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 

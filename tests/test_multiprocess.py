@@ -22,7 +22,10 @@ from tests import multiprocess_worker as worker
 from tests import oracle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT = 180  # seconds per launch; a healthy one takes about 15-30
+# Seconds per launch. A healthy one takes about 15-30 s on an idle 2-core
+# machine; the bound is generous so that a loaded machine (CI beside other
+# work) does not fail it, and only a real hang does.
+TIMEOUT = 600
 
 
 def _free_port():
@@ -55,7 +58,11 @@ def launch(commands, log_dir, timeout=TIMEOUT):
     for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 0.1))
   except subprocess.TimeoutExpired:
-    pytest.fail(f"a process hung for {timeout} s:\n" + _tails(logs))
+    pytest.fail(
+      f"a process hung for {timeout} s (a generous bound: a healthy launch"
+      " takes 15-30 s) and was killed; the last lines of every log:\n"
+      + _tails(logs)
+    )
   finally:
     for p in procs:
       if p.poll() is None:
@@ -205,7 +212,9 @@ def test_a_hung_launch_is_killed_and_fails(tmp_path):
   start = time.monotonic()
   with pytest.raises(pytest.fail.Exception, match="hung for 2 s"):
     launch([sleeper, sleeper], tmp_path, timeout=2)
-  assert time.monotonic() - start < 30
+  elapsed = time.monotonic() - start
+  # Generous: two Python starts and kills, even on a loaded machine.
+  assert elapsed < 120, f"killing two hung processes took {elapsed:.0f} s"
 
 
 def test_data_parallel_example_multihost(tmp_path):

@@ -506,3 +506,45 @@ def test_plain_jit_with_sharded_microbatch_axis(case):
   # Same jitted function, now with the microbatch axis sharded: the mesh path.
   got = single_update(sharded, single.init(_params()))
   helpers.assert_close(got, want)
+
+
+# --- issue 19: zero-size leaves across devices; a vmap axis is refused
+
+
+@pytest.mark.parametrize("collective", ["all_to_all", "all_gather"])
+@pytest.mark.parametrize("scale", [1.0, 1e20], ids=["common", "rescaled"])
+def test_zero_size_leaf_in_shard_map(collective, scale):
+  n = 2 * D
+  leaves = helpers.make_microgradients(
+    np.random.default_rng(helpers.seed_of("empty", scale)), n, MESH_SHAPES, 0.9
+  )
+  leaves = [x * np.float32(scale) for x in leaves]
+  grads = {"w": leaves[0], "b": leaves[1], "e": np.zeros((n, 0), np.float32)}
+  agg = optax_gaf.gaf(
+    TAU, num_microbatches=n, axis_name="data", collective=collective
+  )
+  updates, state = helpers.shard_map_update(agg)(
+    helpers.shard(grads), agg.init(None)
+  )
+  assert updates["e"].shape == (0,)
+  want, accepted, _ = oracle.sequential(oracle.flatten(leaves), TAU)
+  np.testing.assert_array_equal(state.accepted, accepted)
+  got = helpers.flat_update(updates, MESH_NAMES)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize(
+  "agg",
+  [
+    optax_gaf.gaf(TAU, axis_name="i"),
+    optax_gaf.and_mask(axis_name="i"),
+    optax_gaf.adacons(axis_name="i"),
+  ],
+  ids=["gaf", "and_mask", "adacons"],
+)
+def test_a_vmap_axis_is_refused_with_what_to_do(agg):
+  def step(g):
+    return agg.update(g, agg.init(None))[0]
+
+  with pytest.raises(ValueError, match="jax.vmap axis.*axis_name=None"):
+    jax.vmap(step, axis_name="i")(jnp.ones((4, 1, 2)))

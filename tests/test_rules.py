@@ -4,6 +4,7 @@ the custom-rule API (``gaf(rule=fn)``)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import assume
 from hypothesis import given
@@ -415,3 +416,89 @@ def test_unknown_rule_name_lists_the_choices():
     optax_gaf.gaf(0.9, rule="median")
   for name in ("medoid", "pairwise", "sequential", "soft"):
     assert repr(name) in str(e.value)
+
+
+# --- issue 19: tau=0 accepts exact alignment up to rounding
+
+
+@pytest.mark.parametrize("rule", ["sequential", "pairwise", "medoid", "soft"])
+def test_tau_zero_accepts_bitwise_identical_microgradients(rule):
+  """[1, 1/7] twice: the rounded distance was 1.19e-7 and the step skipped."""
+  g = jnp.asarray([[1.0, 1 / 7], [1.0, 1 / 7]], jnp.float32)
+  tx = optax_gaf.gaf(0.0, rule=rule, num_microbatches=2)
+  updates, state = tx.update(g, tx.init(jnp.zeros(2)))
+  assert bool(state.ready) and int(state.num_accepted) == 2
+  np.testing.assert_allclose(updates, g[0], rtol=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+  n=st.sampled_from([2, 5, 20]),
+  seed=st.integers(0, 2**31 - 1),
+  log_scale=st.floats(-10, 10),
+  spread=st.sampled_from([0.0, 3.0]),
+  rule=st.sampled_from(["sequential", "pairwise", "medoid"]),
+)
+def test_property_tau_zero_accepts_copies_and_positive_multiples(
+  n, seed, log_scale, spread, rule
+):
+  """Copies (spread 0) or positive multiples up to 1e3 apart, on the Gram
+  route (N <= 16) and the block route (N > 16): all accepted at tau=0, with
+  the float64 oracle's update (issue 19, item 4)."""
+  rng = np.random.default_rng(seed)
+  g = [rng.normal(size=s) * 10.0**log_scale for s in SHAPES]
+  c = 10.0 ** rng.uniform(-spread / 2, spread / 2, size=n)
+  leaves = [(c.reshape((n,) + (1,) * x.ndim) * x).astype(np.float32) for x in g]
+  updates, state = helpers.run_gaf(helpers.tree(leaves), 0.0, rule, n)
+  assert bool(state.ready) and int(state.num_accepted) == n
+  # The oracle at a threshold far below any meaningful distance, far above
+  # float64 rounding.
+  want = helpers.ORACLES[rule](oracle.flatten(leaves), 1e-9)[0]
+  got = helpers.flat_update(updates)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+def test_tau_zero_still_rejects_what_is_not_aligned():
+  """The slack is rounding, not tolerance: a distance of 1e-5 is rejected."""
+  angle = np.arccos(1 - 1e-5)
+  g = jnp.asarray([[1.0, 0.0], [np.cos(angle), np.sin(angle)]], jnp.float32)
+  for rule in ("sequential", "medoid"):
+    _, state = helpers.run_gaf(g, 0.0, rule, 2)
+    assert not bool(state.ready), rule
+    assert float(state.cosine_distance[1]) == pytest.approx(1e-5, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_within_tau_has_a_few_ulps_of_slack(dtype):
+  with jax.enable_x64(dtype == jnp.float64):
+    slack = rules.TAU_SLACK_ULPS * float(jnp.finfo(dtype).eps)
+    d = jnp.asarray([0.0, slack, 2 * slack, np.nan, 0.5], dtype)
+    got = rules.within_tau(d, jnp.asarray(0.0, dtype))
+  np.testing.assert_array_equal(got, [True, True, False, False, False])
+  assert slack < 1e-5
+
+
+def test_soft_temperature_under_inject_hyperparams_and_jit():
+  """float(temperature) crashed on the traced value (issue 19, item 6)."""
+  g = jnp.asarray([[1.0, 0.0], [1.0, 0.3], [-1.0, 0.2]], jnp.float32)
+  injected = optax.inject_hyperparams(optax_gaf.gaf)(
+    0.5, rule="soft", temperature=0.1
+  )
+  got, state = jax.jit(injected.update)(g, injected.init(jnp.zeros(2)))
+  plain = optax_gaf.gaf(0.5, rule="soft", temperature=0.1)
+  want, _ = plain.update(g, plain.init(jnp.zeros(2)))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  state.hyperparams["temperature"] = jnp.asarray(100.0)
+  got, _ = jax.jit(injected.update)(g, state)
+  hot = optax_gaf.gaf(0.5, rule="soft", temperature=100.0)
+  want, _ = hot.update(g, hot.init(jnp.zeros(2)))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", ["hot", None])
+def test_soft_temperature_that_is_no_number(temperature):
+  if temperature is None:
+    optax_gaf.gaf(rule="soft", temperature=None)  # the default
+  else:
+    with pytest.raises(TypeError, match="temperature must be a number"):
+      optax_gaf.gaf(rule="soft", temperature=temperature)

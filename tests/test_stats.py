@@ -218,3 +218,24 @@ def test_stats_needs_exactly_one_aggregator_state():
   two = optax.chain(optax_gaf.gaf(0.5), optax_gaf.and_mask(0.5))
   with pytest.raises(ValueError, match="more than one"):
     optax_gaf.stats(two.init(PARAMS))
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_leaf"])
+def test_acceptance_rate_is_num_accepted_over_the_marks(granularity):
+  """Per leaf, num_accepted counts marks over L x N (issue 19, item 10)."""
+  grads = {
+    "a": jnp.array([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]]),
+    "b": jnp.array([[1.0], [1.0], [1.0]]),
+  }
+  tx = optax_gaf.gaf(0.5, num_microbatches=3, granularity=granularity)
+  params = jax.tree.map(lambda x: x[0], grads)
+  _, state = tx.update(grads, tx.init(params), params)
+  s = optax_gaf.stats(state)
+  accepted = np.asarray(s["accepted"])
+  assert int(s["num_accepted"]) == accepted.sum()
+  rate = int(s["num_accepted"]) / accepted.size
+  assert float(s["acceptance_rate"]) == pytest.approx(rate)
+  if granularity == "per_leaf":
+    assert accepted.shape == (2, 3) and int(s["num_accepted"]) == 5
+    np.testing.assert_allclose(s["leaf_acceptance_rate"], [2 / 3, 1.0])
+    assert float(s["acceptance_rate"]) == pytest.approx(5 / 6)

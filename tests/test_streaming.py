@@ -6,10 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from optax.experimental import aggregating
 
 import optax_gaf
 from tests import helpers
+from tests import oracle
 
 N = 6
 
@@ -229,3 +234,127 @@ def test_gaf_refuses_filtered_gradients_and_points_to_streamed():
   ):
     with pytest.raises(TypeError, match=r"optax_gaf\.streamed\(\)"):
       tx.update(filtered, tx.init(params))
+
+
+# --- issue 19: the accumulator fed another count, micro_vmap, NumPy batches
+
+
+def _linear(w, x):
+  return jnp.sum(w * x)  # gradient: x
+
+
+_FED = {}
+
+
+def _fed_fn(k, n, rule, real=None):
+  """gaf_accumulator(num_microbatches=n) fed k microbatches (real of them)."""
+  key = (k, n, rule, real)
+  if key not in _FED:
+    acc = optax_gaf.gaf_accumulator(0.5, rule=rule, num_microbatches=n)
+    _FED[key] = jax.jit(
+      optax.microbatching.microbatch(
+        jax.grad(_linear),
+        argnums=1,
+        microbatch_size=1,
+        accumulator=acc,
+        num_real_microbatches=real,
+      )
+    )
+  return _FED[key]
+
+
+def _record(filtered, n):
+  tx = optax_gaf.streamed(num_microbatches=n)
+  _, state = tx.update(filtered, tx.init(None))
+  return state
+
+
+def test_more_microbatches_than_declared_is_an_error():
+  """6 into num_microbatches=4 returned 6/4 of the mean."""
+  xs = jnp.tile(jnp.array([[1.0, 0.0]]), (6, 1))
+  with pytest.raises(Exception, match="more microbatches than declared"):
+    jax.block_until_ready(_fed_fn(6, 4, "sequential")(jnp.zeros(2), xs))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+  k=st.integers(2, 6),
+  rule=st.sampled_from(["sequential", "pairwise"]),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_property_any_count_fed_is_right_or_refused(k, rule, seed):
+  """N=4 declared, k fed: k <= 4 gives the oracle's update on those k and
+  acceptance_rate = num_accepted / k; k > 4 is an error. Would have found
+  the clamped slots (issue 19, item 3)."""
+  n = 4
+  rng = np.random.default_rng(seed)
+  (x,) = helpers.make_microgradients(rng, k, [(3,)], 0.6)
+  fn = _fed_fn(k, n, rule)
+  if k > n:
+    with pytest.raises(Exception, match="more microbatches than declared"):
+      jax.block_until_ready(fn(jnp.zeros(3), jnp.asarray(x)))
+  else:
+    out = fn(jnp.zeros(3), jnp.asarray(x))
+    want, accepted, dist = helpers.ORACLES[rule](oracle.flatten([x]), 0.5)
+    assume(not oracle.is_ambiguous(dist, 0.5))
+    np.testing.assert_array_equal(out.accepted[:k], accepted)
+    assert not np.any(out.accepted[k:]) and np.all(
+      np.isnan(out.cosine_distance[k:])
+    )
+    assert int(out.num_microgradients) == k
+    want = np.zeros(3) if want is None else want
+    np.testing.assert_allclose(out.updates, want, rtol=1e-5, atol=1e-6)
+    state = _record(out, n)
+    assert float(state.acceptance_rate) == pytest.approx(accepted.sum() / k)
+
+
+def test_num_real_microbatches_stops_early():
+  """Fewer than N fed (optax's early stop): the update of those fed, and
+  acceptance_rate over them, not over N."""
+  x = jnp.array([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [9.0, 9.0]])
+  out = _fed_fn(4, 4, "sequential", real=3)(jnp.zeros(2), x)
+  np.testing.assert_array_equal(out.accepted, [True, True, False, False])
+  np.testing.assert_allclose(out.updates, [1.0, 0.05], rtol=1e-6)
+  assert int(out.num_microgradients) == 3
+  assert float(_record(out, 4).acceptance_rate) == pytest.approx(2 / 3)
+
+
+def test_gaf_accumulator_in_micro_vmap_is_refused_with_what_to_use():
+  """micro_vmap fed the chunks' FilteredGradients back into update and
+  filtered the bookkeeping as gradient coordinates (issue 19, item 2)."""
+  acc = optax_gaf.gaf_accumulator(0.5, num_microbatches=2)
+  fn = optax.microbatching.micro_vmap(
+    jax.grad(_linear), in_axes=(None, 0), microbatch_size=2, accumulator=acc
+  )
+  with pytest.raises(TypeError, match="micro_vmap.*microbatch_size=1"):
+    fn(jnp.zeros(2), jnp.ones((4, 2)))
+
+
+def test_streaming_grads_takes_numpy_batches():
+  """Called outside jit, the loop's traced index met the NumPy arrays."""
+  params, batch = problem(3)
+  fn = optax_gaf.streaming_grads(loss_fn, N, 0.9)
+  losses, filtered = fn(params, jax.tree.map(np.asarray, batch))
+  want_losses, want = fn(params, batch)
+  np.testing.assert_array_equal(losses, want_losses)
+  helpers.assert_close(filtered, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm, ready", [(1e15, True), (1e18, False)])
+def test_running_sums_out_of_range_refuse_the_step(norm, ready):
+  """40 agreeing microgradients of norm 1e18: their running sum's squared
+  norm overflows float32, and later distances read as 1. Nothing rescales
+  here, so the step is refused instead (issue 19, item 7)."""
+  n = 40
+  rng = np.random.default_rng(helpers.seed_of("stream_range", norm))
+  x = rng.normal(size=(n, 3)) * 0.1 + 1.0
+  x = x / np.linalg.norm(x, axis=1, keepdims=True) * norm
+  x = jnp.asarray(x, jnp.float32)
+  out = _fed_fn(n, n, "sequential")(jnp.zeros(3), x)
+  assert bool(out.ready) == ready
+  if ready:
+    want, accepted, _ = oracle.sequential(oracle.flatten([x]), 0.5)
+    np.testing.assert_array_equal(out.accepted, accepted)
+    np.testing.assert_allclose(out.updates, want, rtol=1e-5)
+  else:
+    np.testing.assert_array_equal(out.updates, 0.0)

@@ -58,6 +58,17 @@ def test_tau_that_is_no_scalar_number(tau):
     optax_gaf.gaf(tau)
 
 
+@pytest.mark.parametrize(
+  "make",
+  [optax_gaf.gaf, _streaming, _accumulator],
+  ids=["gaf", "streaming_grads", "gaf_accumulator"],
+)
+def test_tau_none_needs_a_number(make):
+  """It said tau "must lie in [0, 2]" (issue 19, item 10)."""
+  with pytest.raises(TypeError, match="tau must be a number; got None"):
+    make(None)
+
+
 def test_traced_tau_is_checked_later():
   """Under jit tau is a tracer: the factory cannot check it, and must not."""
 
