@@ -274,6 +274,7 @@ def _capture(plan, n, params, micro, args, has_aux):
   stacked = [jnp.broadcast_to(leaves[i], (n, *leaves[i].shape))
              for i in plan.direct]  # fmt: skip
   zs = [jnp.zeros((n, *s.out.shape), s.out.dtype) for s in plan.sites]
+  stacked, zs = _shard_like(stacked, micro), _shard_like(zs, micro)
   arg_leaves = jax.tree.leaves(args)
 
   def one(direct, z, mb):
@@ -292,6 +293,29 @@ def _capture(plan, n, params, micro, args, has_aux):
   grad = jax.grad(total, argnums=(0, 1), has_aux=True)
   (direct, ds), (value, caps) = grad(stacked, zs)
   return value, caps, ds, direct
+
+
+def _batch_axis(micro):
+  """The Explicit mesh axes the microbatches are sharded over, or None."""
+  spec = getattr(jax.typeof(jax.tree.leaves(micro)[0]).sharding, "spec", ())
+  return spec[0] if spec else None
+
+
+def _shard_like(arrays, micro):
+  """With Explicit mesh axes vmap needs N sharded as the microbatches are."""
+  axis = _batch_axis(micro)
+  if axis is None:
+    return arrays
+  out = jax.sharding.PartitionSpec(axis)
+  return [jax.sharding.reshard(x, out) for x in arrays]
+
+
+def _gathered(tree, micro):
+  """Captures sharded over Explicit axes, gathered for the Gram matrix."""
+  if _batch_axis(micro) is None:
+    return tree
+  spec = jax.sharding.PartitionSpec()
+  return jax.tree.map(lambda x: jax.sharding.reshard(x, spec), tree)
 
 
 def ghost_microgradients(
@@ -368,6 +392,7 @@ def ghost_microgradients(
     plan = _layers.find_sites(loss_fn, params, one, *args)
     _check_plan(plan, params, has_aux)
     value, caps, ds, direct = _capture(plan, n, params, micro, args, has_aux)
+    caps, ds, direct = _gathered((caps, ds, direct), micro)
     avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
              for x in jax.tree.leaves(params)]  # fmt: skip
     ghost = GhostMicrogradients(

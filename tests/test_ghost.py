@@ -529,3 +529,28 @@ def test_gram_property_random_mlps(n, per, d, h, seed):
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
       for a, b in zip(got_sum, want_sum):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_plain_jit_over_a_sharded_batch(axis_type):
+  """Captures of a batch sharded over 8 devices: the one-device result."""
+  params, batch = mlp_setup(batch=32)
+  tx = optax_gaf.gaf(0.9, num_microbatches=16)
+
+  def step(p, b):
+    _, ghost = optax_gaf.ghost_microgradients(mlp_loss, 16)(p, b)
+    return tx.update(ghost, tx.init(p), p)
+
+  want, want_state = jax.jit(step)(params, batch)
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((8,), ("data",), (kind,))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  with jax.set_mesh(mesh):
+    got, state = jax.jit(step)(params, jax.device_put(batch, spec))
+  assert 1 < want_state.num_accepted < 16
+  np.testing.assert_array_equal(state.accepted, want_state.accepted)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    got,
+    want,
+  )
