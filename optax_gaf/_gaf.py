@@ -366,10 +366,11 @@ def gaf(
 ) -> aggregating.Aggregator:
   r"""Gradient Agreement Filtering: average only the microgradients that agree.
 
-  Given microgradients ``g_1 .. g_N`` (every leaf ``[N, *param_shape]``), GAF
-  computes their Gram matrix ``G[i, j] = <g_i, g_j>`` in float32, lets ``rule``
-  decide from it which ones agree (cosine distances over the whole pytree),
-  and returns their weighted sum in the gradients' dtype.
+  Given microgradients ``g_1 .. g_N`` (every leaf ``[N, *param_shape]``, or
+  a :class:`GhostMicrogradients`), GAF computes their Gram matrix
+  ``G[i, j] = <g_i, g_j>`` in float32, lets ``rule`` decide from it which
+  ones agree (cosine distances over the whole pytree), and returns their
+  weighted sum in the gradients' dtype.
 
   Non-finite or zero microgradients are excluded, as if absent. When nothing
   agrees (or fewer than two are usable), the update is zeros and
@@ -377,13 +378,10 @@ def gaf(
   postprocessor (a true skip); in ``optax.chain`` the zeros reach the
   optimizer, whose momentum still moves the parameters.
 
-  A plain transformation placed before gaf (the preprocessor of
-  :func:`optax_gaf.process`, or earlier in ``optax.chain``) sees the stacked
-  ``[N, ...]`` tree as one gradient: ``optax.clip_by_global_norm(1.0)``
-  there clips the norm of all N microgradients together, so four identical
-  microgradients of norm 1 come out as an update of norm 0.5. To transform
-  each microgradient on its own, wrap it in
-  :func:`optax_gaf.per_microgradient`.
+  A plain transformation before gaf sees the stacked ``[N, ...]`` tree as
+  one gradient (``optax.clip_by_global_norm(1.0)`` clips all N together:
+  four identical microgradients of norm 1 give an update of norm 0.5); wrap
+  it in :func:`optax_gaf.per_microgradient` to act on each.
 
   Args:
     tau: cosine distance threshold in ``[0, 2]``, a schedule of the step
@@ -397,11 +395,9 @@ def gaf(
       ``axis_name``, N is the global count over all devices.
     axis_name: None on one device (or under ``jax.jit`` with leaves sharded
       over Explicit mesh axes). Inside ``jax.shard_map``/``jax.pmap``, or
-      under ``jax.jit`` with ``jax.set_mesh``, the mesh axis name (or tuple of
-      names) the microgradients are spread over: GAF then decides over all N
-      in device-major order; state and replicated updates are bitwise
-      identical on every device; under ``jax.jit`` updates are sharded like
-      the params.
+      under ``jax.jit`` with ``jax.set_mesh``, the mesh axis name(s) the
+      microgradients are spread over: GAF decides over all N in
+      device-major order, bitwise identically on every device.
     collective: with ``axis_name``, ``"all_to_all"`` (about the bytes of one
       ``pmean``) or ``"all_gather"`` (gathers every microgradient).
     sharded_params: True when each device passes ``update`` its shard of the

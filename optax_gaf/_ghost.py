@@ -340,10 +340,9 @@ def ghost_microgradients(
   is not changed: plain functions of a params pytree, Flax Linen ``apply``
   and NNX ``nnx.merge`` inside ``loss_fn`` all work.
 
-  The microbatches are the contiguous slices of ``microbatch_grads``, and
-  ``loss_fn`` is called on each alone, so a loss that couples examples
-  (batch statistics, in-batch contrastive terms) couples them within a
-  microbatch only, exactly as on the other routes.
+  ``loss_fn`` sees each contiguous microbatch alone, as in
+  ``microbatch_grads``: a loss that couples examples (batch statistics)
+  couples them within a microbatch only, exactly as on the other routes.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)``

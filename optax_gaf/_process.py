@@ -8,6 +8,8 @@ the optimizer returns float32 updates, and the two branches of its
 optimizer would have returned, and lets schedules count every step.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,6 +48,26 @@ def _advance_schedules(state):
   return jax.tree.map(visit, state, is_leaf=_is_schedule_state)
 
 
+def _check_schedule_steps(schedule_steps: str) -> str:
+  if schedule_steps not in _SCHEDULE_STEPS:
+    raise ValueError(
+      f"schedule_steps={schedule_steps!r}; choose 'all' (schedules count"
+      " every step) or 'applied' (only the steps the optimizer ran)."
+    )
+  return schedule_steps
+
+
+def _post_or_skip(post, ready, combined, post_state, advance: bool):
+  """The optimizer on a ready step; else zeros in the dtype it returns."""
+
+  def skip(g, s):
+    out = jax.eval_shape(post, g, s)[0]
+    zeros = jax.tree.map(lambda x, o: jnp.zeros_like(x, o.dtype), g, out)
+    return zeros, _advance_schedules(s) if advance else s
+
+  return jax.lax.cond(ready, post, skip, combined, post_state)
+
+
 def process(
   preprocessor: optax.GradientTransformation,
   aggregator: aggregating.Aggregator,
@@ -62,25 +84,14 @@ def process(
   untouched and the updates are zeros, in the dtype the postprocessor returns
   (float32 for float32 params, whatever the gradients' dtype).
 
-  Which steps a schedule inside the postprocessor counts is
-  ``schedule_steps``:
-
-  * ``"all"`` (the default): every call, skipped or not, as
-    ``TrainState.step`` and ``nnx.Optimizer.step`` count. A learning-rate
-    schedule sized in total steps (``optax.adamw(warmup_cosine_decay(...))``)
-    then reaches step t at call t, whatever the skip rate. On a skipped step
-    the ``count`` of every ``ScaleByScheduleState`` and
-    ``inject_hyperparams`` state is advanced by one, and nothing else:
-    adamw's moments and the count that corrects their bias stay untouched,
-    so the bias correction stays exact for the moments it corrects.
-  * ``"applied"``: only the steps the optimizer ran; a skipped step leaves
-    its whole state bitwise untouched. This is what
-    ``optax.experimental.aggregating.process`` does (and what this
-    ``process`` did before ``schedule_steps`` existed). At a skip rate of
-    90%, a schedule sized in total calls then reaches only a tenth of it.
-
-  Counters other than those two kinds (``optax.MultiSteps``, the
-  contrib optimizers' own) count applied steps in both modes.
+  ``schedule_steps`` says which steps a schedule inside the postprocessor
+  counts. ``"all"`` (the default): every call, as ``TrainState.step`` and
+  ``nnx.Optimizer`` count; on a skip only the ``count`` of each
+  ``ScaleByScheduleState`` and ``inject_hyperparams`` state advances
+  (adamw's moments and their bias correction stay untouched).
+  ``"applied"``: only the steps the optimizer ran; a skip leaves its whole
+  state bitwise untouched, as ``optax.experimental.aggregating.process``
+  does. Other counters (``optax.MultiSteps``) count applied steps in both.
 
   Args:
     preprocessor: a transformation of the microgradients, e.g.
@@ -109,12 +120,7 @@ def process(
     Array([0., 0.], dtype=float32)
   """
 
-  if schedule_steps not in _SCHEDULE_STEPS:
-    raise ValueError(
-      f"schedule_steps={schedule_steps!r}; choose 'all' (schedules count"
-      " every step) or 'applied' (only the steps the optimizer ran)."
-    )
-  advance = schedule_steps == "all"
+  advance = _check_schedule_steps(schedule_steps) == "all"
   # As optax.chain does: plain transformations ignore extra args (value=).
   preprocessor = optax.with_extra_args_support(preprocessor)
   postprocessor = optax.with_extra_args_support(postprocessor)
@@ -135,16 +141,11 @@ def process(
       grads, agg_state, params, **extra_args
     )
 
-    def post(g, s):
-      return postprocessor.update(g, s, params, **extra_args)
-
-    def skip(g, s):
-      out = jax.eval_shape(post, g, s)[0]
-      zeros = jax.tree.map(lambda x, o: jnp.zeros_like(x, o.dtype), g, out)
-      return zeros, _advance_schedules(s) if advance else s
-
+    post = functools.partial(postprocessor.update, params=params, **extra_args)
     ready = tree.get(agg_state, "ready", True)
-    updates, post_state = jax.lax.cond(ready, post, skip, combined, post_state)
+    updates, post_state = _post_or_skip(
+      post, ready, combined, post_state, advance
+    )
     return updates, (pre_state, agg_state, post_state)
 
   return aggregating.Aggregator(init_fn, update_fn)

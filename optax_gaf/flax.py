@@ -96,20 +96,14 @@ def nnx_microgradients(
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-microbatch losses and gradients of an NNX module, for ``gaf``.
 
-  The returned ``fn(model, batch, *args)`` splits ``batch`` (a pytree of
-  arrays with a leading batch axis B) into N microbatches and runs
-  ``loss_fn(model, microbatch, *args)`` on each under ``jax.vmap``, with
-
-  * the parameters (``wrt``) shared, differentiated per microbatch;
-  * every RNG stream of the model split N ways (``nnx.split_rngs``): each
-    microbatch draws its own dropout masks, and the model's streams advance
-    once per call;
-  * the other state (BatchNorm's ``batch_stats``) updated per microbatch and
-    written back to ``model`` reduced by ``batch_stats``.
-
-  Use it inside ``nnx.jit`` like ``nnx.value_and_grad``; the gradients go to
-  ``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads)`` with
-  ``tx = optax_gaf.process(optax.identity(), optax_gaf.gaf(...), inner)``.
+  ``fn(model, batch, *args)`` splits ``batch`` into N microbatches and runs
+  ``loss_fn(model, microbatch, *args)`` on each under ``jax.vmap``: the
+  parameters (``wrt``) are shared and differentiated per microbatch; every
+  RNG stream is split N ways (``nnx.split_rngs``: own dropout masks per
+  microbatch, streams advanced once per call); the other state (BatchNorm
+  statistics) is updated per microbatch and written back reduced by
+  ``batch_stats``. Use it inside ``nnx.jit``; the gradients go to
+  ``nnx.Optimizer.update`` with a ``process(..., gaf(...), ...)`` inside.
 
   Args:
     loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)``
