@@ -185,7 +185,8 @@ class GhostMicrogradients:
       elif self.routes[i] == "materialize":
         site = self._plan.sites[self._site[i]]
         g = _weighted_rows(w, _mask(ok, self._examples(i)))
-        g = _layer_grads.to_leaf(site, _layer_grads.to_operand(site, g), aval)
+        g = _layer_grads.to_operand(site, g, self.num_microbatches)
+        g = _layer_grads.to_leaf(site, g, aval)
       elif i in self._site:  # the book-keeping combine: x^T (w * d)
         k = self._site[i]
         site, d = self._plan.sites[k], self._cotangents[k]

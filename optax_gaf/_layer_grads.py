@@ -65,34 +65,50 @@ def _dot_layout(site: _layers.Site) -> Layout:
   return Layout((hb, s, k, j), canon, to_operand)
 
 
+def _patches(x, params, filt, out_spatial):
+  """im2col by slicing: ``[batch, *out_spatial, prod(filt) * C]``.
+
+  ``x`` is ``[batch, *spatial, C]``; the features are ordered with the
+  filter offsets slowest (row-major), the input channel fastest.
+  """
+  pads = [(0, 0)] + list(params["padding"]) + [(0, 0)]
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(lo, hi, 0) for lo, hi in pads])
+  strides, dilation = params["window_strides"], params["rhs_dilation"]
+  views = []
+  for offset in np.ndindex(*filt):
+    start = [0] + [k * r for k, r in zip(offset, dilation)] + [0]
+    limit = [x.shape[0]]
+    limit += [b + (o - 1) * s + 1 for b, o, s in
+              zip(start[1:-1], out_spatial, strides)]  # fmt: skip
+    limit += [x.shape[-1]]
+    views.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+  return jnp.concatenate(views, axis=-1)
+
+
 def _conv_layout(site: _layers.Site) -> Layout | None:
   params = site.eqn.params
   if (
     site.param_pos != 1
     or params["feature_group_count"] != 1
     or params["batch_group_count"] != 1
+    or any(d != 1 for d in params["lhs_dilation"])
   ):
     return None
   dn = params["dimension_numbers"]
-  rhs, out = dn.rhs_spec, dn.out_spec
+  lhs, rhs, out = dn.lhs_spec, dn.rhs_spec, dn.out_spec
   w_shape = site.operand.shape
   filt = [w_shape[i] for i in rhs[2:]]
   k = w_shape[rhs[1]] * math.prod(filt)
   j = w_shape[rhs[0]]
   s = math.prod(site.out.shape) // j
-  rest = [i for i in range(len(out)) if i != out[1]]
+  out_spatial = [site.out.shape[i] for i in out[2:]]
 
   def canon(x, d):
-    # Patches are [in channels (slowest), *filter], laid out like the output.
-    patches = jax.lax.conv_general_dilated_patches(
-      x, filt, params["window_strides"], params["padding"],
-      params["lhs_dilation"], params["rhs_dilation"], dn,
-      precision=_gram.PRECISION,
-    )  # fmt: skip
-    patches = patches.transpose([*rest, out[1]]).reshape(1, s, k)
-    return patches, d.transpose([*rest, out[1]]).reshape(1, s, j)
+    x = x.transpose([lhs[0], *lhs[2:], lhs[1]])
+    patches = _patches(x, params, filt, out_spatial).reshape(1, s, k)
+    return patches, d.transpose([out[0], *out[2:], out[1]]).reshape(1, s, j)
 
-  order = [rhs[1], *rhs[2:], rhs[0]]
+  order = [*rhs[2:], rhs[1], rhs[0]]
   shape = [w_shape[i] for i in order]
   to_operand = lambda g: g.reshape(shape).transpose(np.argsort(order))
   return Layout((1, s, k, j), canon, to_operand)
@@ -175,9 +191,22 @@ def _vjp_zero(fn, aval, cotangent):
   return vjp(cotangent)[0]
 
 
+# Above this many numbers, im2col patches cost more memory traffic than
+# XLA's own per-example convolutions (benchmarks/vs_plain_step.py, CPU).
+PATCHES_MAX = 2**20
+
+
+def _as_matmuls(site, n: int) -> bool:
+  lay = layout(site)
+  if lay is None:
+    return False
+  hb, s, k, _ = lay.sizes
+  return site.kind == "dot_general" or n * hb * s * k <= PATCHES_MAX
+
+
 def per_example(site, others, d) -> jax.Array:
   """The site's N microgradients: ``[N, Hb, K, J]``, or ``[N, *operand]``."""
-  if layout(site) is not None:
+  if _as_matmuls(site, d.shape[0]):
     x, d = _canonical(site, others, d)
     return jnp.einsum(
       "nhsk,nhsj->nhkj", x, d, preferred_element_type=site.operand.dtype
@@ -190,10 +219,9 @@ def per_example(site, others, d) -> jax.Array:
   return jax.vmap(one)(others, d)
 
 
-def to_operand(site, g) -> jax.Array:
+def to_operand(site, g, n: int) -> jax.Array:
   """A combined microgradient (as :func:`per_example` lays it out)."""
-  lay = layout(site)
-  return g if lay is None else lay.to_operand(g)
+  return layout(site).to_operand(g) if _as_matmuls(site, n) else g
 
 
 def book_keeping(site, others, wd) -> jax.Array:
@@ -203,7 +231,7 @@ def book_keeping(site, others, wd) -> jax.Array:
     g = jnp.einsum(
       "nhsk,nhsj->hkj", x, wd, preferred_element_type=site.operand.dtype
     )
-    return to_operand(site, g)
+    return layout(site).to_operand(g)
   fn = lambda w: jax.vmap(lambda o: site.apply(w, o))(others)
   return _vjp_zero(fn, site.operand, wd.astype(site.out.dtype))
 

@@ -22,6 +22,7 @@ from jax.extend import core as jcore
 
 import optax_gaf
 from optax_gaf import _gram
+from optax_gaf import _layer_grads
 from optax_gaf import rules
 from tests import oracle
 from tests import oracle_models
@@ -554,3 +555,42 @@ def test_plain_jit_over_a_sharded_batch(axis_type):
     got,
     want,
   )
+
+
+@pytest.mark.parametrize(
+  "spec, strides, padding, dilation",
+  [
+    (("NHWC", "HWIO", "NHWC"), (2, 1), "VALID", (1, 1)),
+    (("NCHW", "OIHW", "NCHW"), (2, 2), ((1, 2), (0, 1)), (2, 1)),
+    (("NHWC", "HWIO", "NHWC"), (1, 2), "SAME", (1, 2)),
+  ],
+)
+@pytest.mark.parametrize("patches", [True, False])
+def test_convolutions_float64(
+  spec, strides, padding, dilation, patches, monkeypatch
+):
+  """Strides, padding, dilation, layouts: as im2col matmuls or per-example
+  convolutions (above ``PATCHES_MAX``), the layer is exact."""
+  if not patches:
+    monkeypatch.setattr(_layer_grads, "PATCHES_MAX", 0)
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (8, 7, 9, 3), jnp.float64)
+    w = jax.random.normal(jax.random.key(1), (3, 2, 3, 4), jnp.float64)
+    if spec[0] == "NCHW":
+      x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
+
+    def loss(p, b):
+      y = jax.lax.conv_general_dilated(
+        b["x"], p["w"], strides, padding, rhs_dilation=dilation,
+        dimension_numbers=spec,
+      )  # fmt: skip
+      return jnp.sum(jnp.tanh(y) * b["t"].reshape(-1, 1, 1, 1))
+
+    batch, params = {"x": x, "t": jnp.arange(8.0)}, {"w": w}
+    weights = jnp.linspace(0.0, 1.0, 4, dtype=jnp.float64)
+    want, want_sum = materialized_eval(loss, 4, params, batch, weights)
+    for route in ("ghost", "materialize") if patches else ("materialize",):
+      got, got_sum, routes = ghost_eval(loss, 4, params, batch, route, weights)
+      assert routes == [route]
+      np.testing.assert_allclose(got, want, rtol=1e-12)
+      np.testing.assert_allclose(got_sum[0], want_sum[0], rtol=1e-12)
