@@ -11,11 +11,11 @@ model, batch and optimizer inside ``optax_gaf.process`` (the true skip):
 * ``ghost``: ``ghost_microgradients`` (layer inputs and output gradients, no
   N x P arrays) and ``gaf``.
 
-Models (plain JAX functions of a params pytree): an MLP 64-256-256-10 on
-B=64 vectors; a CNN (two 3x3 convs, 8x8x1 inputs, B=64); the 32x32x3 CNN of
-``_common``; a one-block transformer LM (d=64, 4 heads, MLP 256, LayerNorm,
-vocabulary 128) on B=32 sequences of 16 tokens. N runs from 2 to one
-example per microbatch.
+Models (plain JAX functions of a params pytree): MLPs 64-256-256-10 and
+64-1024-1024-10 on B=64 vectors; a CNN (two 3x3 convs, 8x8x1 inputs,
+B=64); the 32x32x3 CNN of ``_common``; a one-block transformer LM (d=64, 4
+heads, MLP 256, LayerNorm, vocabulary 128) on B=32 sequences of 16 tokens.
+N runs from 2 to one example per microbatch.
 
 Variants are timed interleaved in one process (``_common.interleaved``), as
 medians; the table gives each route's time divided by the plain step's, and
@@ -152,8 +152,9 @@ def model_and_batch(name, key):
     params, apply = transformer(kp)
     ids = jax.random.randint(kx, (32, 17), 0, 128)
     return params, xent_of(apply), {"x": ids[:, :-1], "y": ids[:, 1:]}
-  if name == "MLP 64-256-256-10":
-    params, apply = mlp(kp)
+  if name.startswith("MLP"):
+    sizes = tuple(int(w) for w in name.split()[1].split("-"))
+    params, apply = mlp(kp, sizes)
     x = jax.random.normal(kx, (64, 64))
   elif name == "CNN 8x8x1":
     params, apply = small_cnn(kp)
@@ -170,6 +171,7 @@ def model_and_batch(name, key):
 
 MODELS = {
   "MLP 64-256-256-10": (2, 8, 16, 64),
+  "MLP 64-1024-1024-10": (8, 64),
   "CNN 8x8x1": (2, 8, 16, 64),
   "CNN 32x32x3": (2, 8, 16, 64),
   "transformer LM": (2, 8, 32),

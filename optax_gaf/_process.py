@@ -16,20 +16,28 @@ import optax
 from optax import tree
 from optax.experimental import aggregating
 
+
 # Optimizer states whose ``count`` only feeds a schedule (a learning rate, an
 # injected hyperparameter). ScaleByAdamState's count is not among them: it
 # corrects the bias of moments that a skipped step did not update.
-_SCHEDULE_STATES = (
-  optax.ScaleByScheduleState,
-  optax.InjectHyperparamsState,
-  optax.InjectStatefulHyperparamsState,
-  type(optax.WrappedSchedule(lambda count: count).init()),
-)
+@functools.cache
+def _schedule_states() -> tuple[type, ...]:
+  # Looked up on first use: init() makes an array, and an array at import
+  # would start the JAX backend before the user configures it.
+  wrapped = type(optax.WrappedSchedule(lambda count: count).init())
+  return (
+    optax.ScaleByScheduleState,
+    optax.InjectHyperparamsState,
+    optax.InjectStatefulHyperparamsState,
+    wrapped,
+  )
+
+
 _SCHEDULE_STEPS = ("all", "applied")
 
 
 def _is_schedule_state(x) -> bool:
-  return isinstance(x, _SCHEDULE_STATES)
+  return isinstance(x, _schedule_states())
 
 
 def _advance_schedules(state):

@@ -295,6 +295,7 @@ def test_chance_statistics_and_threshold_match_oracle(
   steps, decay, z, min_count
 ):
   assume(any(d > 1.0 for dist in steps for d in dist))  # some negative one
+  decay = float(np.float32(decay))  # the EMAs run in float32 (1e-188 is 0)
   auto = optax_gaf.AutoTau(z=z, decay=decay, min_count=min_count)
   stats, want = _threshold.init_chance_stats(), (0.0, 0.0, 0.0)
   for dist in steps:
