@@ -172,21 +172,21 @@ def make_step(method, loss_fn, batch_size):
   """
   sgd = optax.sgd(LEARNING_RATE, momentum=0.9)
   if method[0] == "plain":
-    return sgd, lambda p, b: jax.grad(loss_fn)(p, b)
+    return sgd, jax.grad(loss_fn)
   if method[0] == "microbatch":
     _, n, tau = method
+    rule = "sequential"
     grads_fn = optax_gaf.microbatch_grads(loss_fn, n)  # [N, ...] leaves
   else:
     _, tau, rule = method
-    n = batch_size
+    n = batch_size  # one microbatch per example
     # Not a pytree: made and consumed inside the same jitted step.
     grads_fn = optax_gaf.ghost_microgradients(loss_fn, n)
   tau = optax_gaf.AutoTau() if tau == "auto" else tau
-  rule = "sequential" if method[0] == "microbatch" else method[2]
   gaf = optax_gaf.gaf(tau, rule=rule, num_microbatches=n)
   # process() runs SGD only on steps GAF accepts: a true skip.
   tx = optax_gaf.process(optax.identity(), gaf, sgd)
-  return tx, lambda p, b: grads_fn(p, b)[1]
+  return tx, lambda p, b: grads_fn(p, b)[1]  # drop the [N] losses
 
 
 def make_trainer(method, graphdef, train_x, train_y, batch_size):
