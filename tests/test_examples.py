@@ -48,7 +48,8 @@ def _load(name):
 
 
 EXAMPLE_MODULES = {
-  name: _load(name) for name in ("noisy_labels.py", "data_parallel.py")
+  name: _load(name)
+  for name in ("noisy_labels.py", "data_parallel.py", "per_example.py")
 }
 
 
@@ -86,7 +87,9 @@ def _run(script, *args, cwd):
 
 def test_examples_are_scripts_not_a_package():
   assert not (EXAMPLES / "__init__.py").exists()
-  assert {"noisy_labels.py", "data_parallel.py"} <= set(SCRIPTS)
+  assert {"noisy_labels.py", "data_parallel.py", "per_example.py"} <= set(
+    SCRIPTS
+  )
 
 
 def _imports(tree):
@@ -142,7 +145,7 @@ def test_example_label_noise_corrupts_what_the_harness_does(
   harness = datasets.symmetric_label_noise(data, rate, seed).train_y
   expected = int(round(rate * len(labels)))
   assert np.sum(harness != labels) == expected
-  for script in ("noisy_labels.py", "data_parallel.py"):
+  for script in EXAMPLE_MODULES:
     noisy = EXAMPLE_MODULES[script].symmetric_label_noise(
       labels, num_classes, rate, seed
     )
@@ -152,7 +155,7 @@ def test_example_label_noise_corrupts_what_the_harness_does(
     np.testing.assert_array_equal(noisy, harness)
 
 
-@pytest.mark.parametrize("script", ["noisy_labels.py", "data_parallel.py"])
+@pytest.mark.parametrize("script", sorted(EXAMPLE_MODULES))
 @pytest.mark.parametrize(
   "flags,message",
   [
@@ -171,6 +174,31 @@ def test_noisy_labels_rejects_tau_outside_0_2(capsys):
   with pytest.raises(SystemExit):
     EXAMPLE_MODULES["noisy_labels.py"].parse_args(["--tau", "2.5"])
   assert "--tau" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "flags,message",
+  [
+    (["--tau", "2.5"], "--tau is a cosine distance"),
+    (["--tau", "loose"], "--tau must be a number or 'auto'"),
+    (["--rule", "pairwise"], "--rule"),
+  ],
+)
+def test_per_example_rejects_bad_tau_and_rule(flags, message, capsys):
+  with pytest.raises(SystemExit):
+    EXAMPLE_MODULES["per_example.py"].parse_args(flags)
+  assert message in capsys.readouterr().err
+
+
+def test_per_example_batches_are_the_quickstarts():
+  """The same seed gives the Quickstart's microbatches, back to back."""
+  labels = np.arange(1300, dtype=np.int32) % 10
+  quick = EXAMPLE_MODULES["noisy_labels.py"].class_balanced_batches(
+    labels, 7, 3
+  )
+  idx = EXAMPLE_MODULES["per_example.py"].class_balanced_batches(labels, 7, 3)
+  assert idx.shape == (7, 100)
+  np.testing.assert_array_equal(idx, quick.reshape(7, 100))
 
 
 def test_noisy_labels_runs_as_a_script(tmp_path):
@@ -213,3 +241,34 @@ def test_data_parallel_runs_as_a_script(tmp_path):
   assert 1 / 16 <= float(acceptance) <= 1.0
   assert 0 <= int(skipped) <= 6
   assert np.isfinite(float(loss)) and 0.0 <= float(accuracy) <= 1.0
+
+
+def test_per_example_runs_as_a_script(tmp_path):
+  """Plain step, N=2 GAF and per-example GAF (ghost), a few steps."""
+  out = _run(
+    "per_example.py",
+    *("--steps", "20", "--eval-every", "10", "--tau", "auto"),
+    *("--rule", "medoid", "--out", str(tmp_path / "out")),
+    cwd=tmp_path,
+  )
+  assert "20 steps of 100 examples" in out
+  number = r"([\d.]+)"
+  rows = {
+    "averaging": rf"^averaging\s+{number}\s+{number}\s+-\s+-\s+1.00x$",
+    "N=2": rf"^GAF N=2 tau=0.8\s+{number}\s+{number}\s+{number}"
+    rf"\s+(\d+) / 20\s+{number}x$",
+    "N=100": rf"^GAF N=100 AutoTau medoid\s+{number}\s+{number}\s+{number}"
+    rf"\s+(\d+) / 20\s+{number}x$",
+  }
+  found = {k: re.search(v, out, re.M) for k, v in rows.items()}
+  assert all(found.values()), out
+  for match in found.values():
+    val_acc, memorisation = map(float, match.groups()[:2])
+    assert 0.0 <= val_acc <= 1.0 and 0.0 <= memorisation <= 1.0
+  # GAF keeps at least its anchor: acceptance >= 1/N.
+  assert 0.5 <= float(found["N=2"].group(3)) <= 1.0
+  assert 1 / 100 <= float(found["N=100"].group(3)) <= 1.0
+  for key in ("N=2", "N=100"):
+    assert 0 <= int(found[key].group(4)) <= 20
+    assert float(found[key].group(5)) > 0
+  assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
