@@ -29,7 +29,8 @@ Run from the repository root::
   python -m benchmarks.vs_plain_step            # the docs' table
   python -m benchmarks.vs_plain_step --quick    # a smoke run
 
-It writes ``benchmarks/results/vs_plain_step.md`` (and ``.json``).
+It writes ``benchmarks/results/vs_plain_step.md`` (and ``.json``, and the
+plot ``.png``; ``--plot-only`` redraws it from the JSON).
 """
 
 import argparse
@@ -292,12 +293,43 @@ def table(rows) -> str:
   return head + "\n".join(lines) + "\n"
 
 
+def plot(rows, path) -> None:
+  """One panel per model: each route's time over the plain step's, by N."""
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import NullLocator
+
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  fig = Figure(figsize=(3.2 * len(models), 3.2), layout="constrained")
+  axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
+  for ax, model in zip(axes, models):
+    mine = [r for r in rows if r["model"] == model]
+    ns = [r["n"] for r in mine]
+    for route, style in zip(ROUTES, ("s--", "^:", "o-")):
+      ax.plot(ns, [r["time"][route] for r in mine], style, label=route)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", title=model, xlabel="N (microbatches)")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_locator(NullLocator())
+  axes[0].set_ylabel("time / plain step")
+  axes[0].legend()
+  fig.savefig(path, dpi=120)
+  print(f"wrote {path}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="a smoke run")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--out", default=RESULTS)
+  parser.add_argument(
+    "--plot-only", action="store_true", help="redraw the plot from the JSON"
+  )
   args = parser.parse_args(argv)
+  if args.plot_only:
+    with open(os.path.join(args.out, "vs_plain_step.json")) as f:
+      rows = json.load(f)
+    return plot(rows, os.path.join(args.out, "vs_plain_step.png"))
   configs = [(m, n) for m, ns in MODELS.items() for n in ns]
   if args.quick:
     configs, args.rounds = [("MLP 64-256-256-10", 8)], 3
@@ -324,6 +356,7 @@ def main(argv=None):
   name = "vs_plain_step_quick" if args.quick else "vs_plain_step"
   _common.write_result(args.out, f"{name}.md", text)
   _common.write_result(args.out, f"{name}.json", json.dumps(rows, indent=1))
+  plot(rows, os.path.join(args.out, f"{name}.png"))
   print(text)
 
 
