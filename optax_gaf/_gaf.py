@@ -378,35 +378,31 @@ def gaf(
   postprocessor (a true skip); in ``optax.chain`` the zeros reach the
   optimizer, whose momentum still moves the parameters.
 
-  A plain transformation before gaf sees the stacked ``[N, ...]`` tree as
-  one gradient (``optax.clip_by_global_norm(1.0)`` clips all N together:
-  four identical microgradients of norm 1 give an update of norm 0.5); wrap
-  it in :func:`optax_gaf.per_microgradient` to act on each.
+  A plain transformation before gaf sees the stacked tree as one gradient
+  (a clip acts on all N together); :func:`optax_gaf.per_microgradient`
+  maps it over each microgradient.
 
   Args:
-    tau: cosine distance threshold in ``[0, 2]``, a schedule of the step
-      count, or an :class:`AutoTau` (nothing to tune). ``tau=2`` accepts
-      everything (the plain mean).
+    tau: cosine distance threshold in ``[0, 2]`` (2: the plain mean), a
+      schedule of the step count, or an :class:`AutoTau`.
     rule: ``"sequential"`` (the paper's), ``"pairwise"``, ``"medoid"``,
       ``"soft"`` (:mod:`optax_gaf.rules`) or a :class:`~optax_gaf.rules.Rule`.
-    num_microbatches: N. When given, the state records ``accepted`` and
-      ``cosine_distance`` of shape ``[N]`` and ``update`` checks N; when None
-      those fields are None and the state works for any N. With
-      ``axis_name``, N is the global count over all devices.
-    axis_name: None on one device (or under ``jax.jit`` with leaves sharded
-      over Explicit mesh axes). Inside ``jax.shard_map``/``jax.pmap``, or
-      under ``jax.jit`` with ``jax.set_mesh``, the mesh axis name(s) the
-      microgradients are spread over: GAF decides over all N in
-      device-major order, bitwise identically on every device.
-    collective: with ``axis_name``, ``"all_to_all"`` (about the bytes of one
-      ``pmean``) or ``"all_gather"`` (gathers every microgradient).
-    sharded_params: True when each device passes ``update`` its shard of the
-      params (FSDP in ``shard_map``): it gets its shard of the update.
+    num_microbatches: N (global, with ``axis_name``). When given, the state
+      records ``accepted`` and ``cosine_distance`` ``[N]`` and ``update``
+      checks N; when None those fields are None and any N works.
+    axis_name: None on one device or under ``jax.jit`` over Explicit axes.
+      In ``shard_map``/``pmap`` (or ``jit`` with ``jax.set_mesh``), the mesh
+      axis name(s) the microgradients are spread over: GAF decides over all
+      N, bitwise identically on every device.
+    collective: with ``axis_name``, ``"all_to_all"`` (a ``pmean``'s bytes)
+      or ``"all_gather"``.
+    sharded_params: True when each device passes its shard of the params
+      (FSDP in ``shard_map``); it gets its shard of the update.
     granularity: ``"global"`` (one decision over the whole pytree) or
       ``"per_leaf"`` (each parameter tensor filtered on its own).
     temperature: ``rule="soft"`` only, > 0; None: that rule's own 0.05.
-    adaptive_tau: an :class:`AdaptiveTau`, to use ``min(tau, mean + k * std)``
-      of recent cosine distances as the threshold.
+    adaptive_tau: an :class:`AdaptiveTau` (``min(tau, mean + k * std)`` of
+      recent cosine distances).
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` with

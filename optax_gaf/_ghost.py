@@ -328,22 +328,16 @@ def ghost_microgradients(
 ) -> Callable[..., tuple[Any, GhostMicrogradients]]:
   r"""Like :func:`optax_gaf.microbatch_grads`, without forming N x P arrays.
 
-  One forward and one backward pass over the batch capture, for every layer
-  that alone reads a parameter (``x @ W``, a convolution, an embedding
-  lookup), its inputs and output gradients. :func:`optax_gaf.gaf` then takes
-  the Gram matrix and the weighted sum from them (the ghost / book-keeping
-  technique of DP-SGD), so every rule, threshold, ``per_leaf``,
-  :class:`AutoTau` and the true skip work as on stacked microgradients.
-  Per layer the cheaper of two routes is taken: the ghost Gram matrix, or
-  forming that layer's N microgradients (an ``N x layer`` transient).
-  Parameters read any other way (LayerNorm scales, biases, tied weights,
-  inside ``lax.scan``) get per-microbatch gradients from autodiff. The model
-  is not changed: plain functions of a params pytree, Flax Linen ``apply``
-  and NNX ``nnx.merge`` inside ``loss_fn`` all work.
-
-  ``loss_fn`` sees each contiguous microbatch alone, as in
-  ``microbatch_grads``: a loss that couples examples (batch statistics)
-  couples them within a microbatch only, exactly as on the other routes.
+  One forward and backward pass captures the inputs and output gradients of
+  every layer that alone reads a parameter (``x @ W``, a convolution, an
+  embedding); :func:`optax_gaf.gaf` takes the Gram matrix and the weighted
+  sum from them (the ghost / book-keeping technique of DP-SGD), so every
+  rule, threshold and the true skip work as on stacked microgradients. Per
+  layer the cheaper route is taken: the ghost Gram matrix, or that layer's
+  N microgradients. Other parameters (LayerNorm scales, biases, tied
+  weights) get per-microbatch gradients from autodiff. Plain JAX, Linen
+  ``apply`` and NNX ``nnx.merge`` inside ``loss_fn`` all work unchanged;
+  ``loss_fn`` sees each microbatch alone, as in ``microbatch_grads``.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)``

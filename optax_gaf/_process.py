@@ -86,11 +86,10 @@ def process(
   """``aggregating.process`` that also works when dtypes change on the way.
 
   A drop-in for :func:`optax.experimental.aggregating.process`: the
-  preprocessor maps the microgradients, the aggregator (e.g. :func:`gaf`)
-  combines them, and the postprocessor (the optimizer) runs only on steps
-  whose aggregator state has ``ready`` True; on the others its state is left
-  untouched and the updates are zeros, in the dtype the postprocessor returns
-  (float32 for float32 params, whatever the gradients' dtype).
+  postprocessor (the optimizer) runs only on steps whose aggregator state
+  has ``ready`` True; on the others the updates are zeros in the dtype the
+  postprocessor returns (float32 for float32 params, whatever the
+  gradients' dtype).
 
   ``schedule_steps`` says which steps a schedule inside the postprocessor
   counts. ``"all"`` (the default): every call, as ``TrainState.step`` and

@@ -96,32 +96,26 @@ def nnx_microgradients(
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-microbatch losses and gradients of an NNX module, for ``gaf``.
 
-  ``fn(model, batch, *args)`` splits ``batch`` into N microbatches and runs
-  ``loss_fn(model, microbatch, *args)`` on each under ``jax.vmap``: the
-  parameters (``wrt``) are shared and differentiated per microbatch; every
-  RNG stream is split N ways (``nnx.split_rngs``: own dropout masks per
-  microbatch, streams advanced once per call); the other state (BatchNorm
-  statistics) is updated per microbatch and written back reduced by
-  ``batch_stats``. Use it inside ``nnx.jit``; the gradients go to
-  ``nnx.Optimizer.update`` with a ``process(..., gaf(...), ...)`` inside.
+  ``fn(model, batch, *args)`` runs ``loss_fn(model, microbatch, *args)`` on
+  each of N microbatches under ``jax.vmap``: parameters (``wrt``) shared and
+  differentiated per microbatch; every RNG stream split N ways (own dropout
+  masks); other state (BatchNorm statistics) reduced by ``batch_stats``.
+  Use it inside ``nnx.jit``.
 
   Args:
-    loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)``
-      with ``has_aux=True``), the mean loss of one microbatch. The model is
-      in whatever mode (``train()``/``eval()``) the caller set.
+    loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)``),
+      the mean loss of one microbatch, in the mode the caller set.
     num_microbatches: N; the batch size must be a multiple of it.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    batch_stats: how the N updated copies of the non-parameter state become
-      one: ``"mean"`` averages floating-point leaves (BatchNorm's running
-      mean and variance: the mean of the N updates) and takes other leaves
-      from microbatch 0; an int ``k`` takes every leaf from microbatch k.
+    batch_stats: how the N updated copies of the other state become one:
+      ``"mean"`` averages float leaves (BatchNorm's running statistics),
+      others from microbatch 0; an int ``k`` takes microbatch k's.
     wrt: an NNX filter of what to differentiate; default ``nnx.Param``.
 
   Returns:
     ``fn(model, batch, *args) -> (losses, grads)`` (``((losses, aux),
-    grads)`` with ``has_aux``): ``losses`` is ``[N]``, ``aux`` has a leading
-    N axis, and ``grads`` is an ``nnx.State`` whose leaves are
-    ``[N, *param.shape]``. ``fn`` updates ``model``'s state in place.
+    grads)`` with ``has_aux``): ``[N]`` losses, aux and ``nnx.State``
+    gradients with a leading N axis; ``model``'s state updated in place.
 
   Raises:
     TypeError: an ``nnx.Rngs`` in ``args`` (keep streams in the model).
