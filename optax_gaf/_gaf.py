@@ -207,13 +207,17 @@ def _validate(config: _Config, grads, state: GAFState, params):
   # Sharded params are shaped like this device's shard: the placement checks.
   _checks.microgradients(grads, None if config.sharded_params else params)
   leaves, treedef = jax.tree.flatten(grads)
+  _check_leaf_count(config, state, leaves)
+  return leaves, treedef
+
+
+def _check_leaf_count(config: _Config, state: GAFState, leaves) -> None:
   if config.per_leaf and state.leaf_acceptance_rate.shape[0] != len(leaves):
     raise ValueError(
       f"gaf(granularity='per_leaf') was initialised for"
       f" {state.leaf_acceptance_rate.shape[0]} leaves but got microgradients"
       f" with {len(leaves)}; per-leaf statistics keep the params' tree."
     )
-  return leaves, treedef
 
 
 def _threshold_of(config: _Config, state: GAFState, leaves) -> jax.Array:
@@ -325,14 +329,8 @@ def _ghost_input(config: _Config, ghost, state: GAFState):
       " and sharded_params need stacked microgradients from"
       " microbatch_grads (or use plain jax.jit over sharded arrays)."
     )
-  leaves = ghost.virtual_leaves
-  if config.per_leaf and state.leaf_acceptance_rate.shape[0] != len(leaves):
-    raise ValueError(
-      f"gaf(granularity='per_leaf') was initialised for"
-      f" {state.leaf_acceptance_rate.shape[0]} leaves but got ghost"
-      f" microgradients of {len(leaves)}."
-    )
-  return leaves, ghost.treedef, ghost
+  _check_leaf_count(config, state, ghost.virtual_leaves)
+  return ghost.virtual_leaves, ghost.treedef, ghost
 
 
 def _update(config: _Config, grads, state, params=None, **extra_args):

@@ -40,13 +40,12 @@ def _mask(ok, x):
   """Zeros the rows of unusable microbatches (``0 * nan`` is nan)."""
   if ok is None or not jnp.issubdtype(x.dtype, jnp.inexact):
     return x
-  return jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+  return _gram.zero_unusable(x, ok)
 
 
 def _scaled(x, f):
   """``f_n x_n`` in the statistics' dtype, zero where ``f_n`` is 0."""
-  f = f.reshape((-1,) + (1,) * (x.ndim - 1))
-  return jnp.where(f > 0, x.astype(f.dtype) * f, 0)
+  return _gram.scale_leaves([x], f)[0]
 
 
 _NOT_ARRAYS = (
@@ -181,10 +180,10 @@ class GhostMicrogradients:
       w = weights if weights.ndim == 1 else weights[i]
       ok = None if usable is None else usable if usable.ndim == 1 else usable[i]
       if i in self._direct:
-        g = _weighted_rows(w, _mask(ok, self._direct[i]))
+        g = _gram.weighted_rows(w, _mask(ok, self._direct[i]))
       elif self.routes[i] == "materialize":
         site = self._plan.sites[self._site[i]]
-        g = _weighted_rows(w, _mask(ok, self._examples(i)))
+        g = _gram.weighted_rows(w, _mask(ok, self._examples(i)))
         g = _layer_grads.to_operand(site, g, self.num_microbatches)
         g = _layer_grads.to_leaf(site, g, aval)
       elif i in self._site:  # the book-keeping combine: x^T (w * d)
@@ -200,13 +199,6 @@ class GhostMicrogradients:
         g = jnp.zeros(aval.shape, aval.dtype)
       out.append(g.astype(aval.dtype))
     return out
-
-
-def _weighted_rows(w, g):
-  """``sum_n w_n g_n`` in ``w``'s dtype (float32 at least)."""
-  return jnp.tensordot(
-    w, g, axes=1, precision=_gram.PRECISION, preferred_element_type=w.dtype
-  )
 
 
 def _site_scale(others, d, dtype):

@@ -92,6 +92,19 @@ def sanitized(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.where(both, gram_matrix, 0.0), usable
 
 
+def weighted_rows(w: jax.Array, x: jax.Array) -> jax.Array:
+  """``w @ x`` over the microbatch axis, in ``w``'s dtype, full precision."""
+  return jnp.tensordot(
+    w, x, axes=1, precision=PRECISION, preferred_element_type=w.dtype
+  )
+
+
+def zero_unusable(x: jax.Array, ok: jax.Array) -> jax.Array:
+  """``x [N, ...]`` with the rows of unusable microgradients zeroed."""
+  mask = ok.reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
 def masked_tensordot(w: jax.Array, x: jax.Array, ok: jax.Array) -> jax.Array:
   """``w @ x`` over the microbatch axis in ``w``'s dtype, zeroing unusable ones.
 
@@ -100,19 +113,14 @@ def masked_tensordot(w: jax.Array, x: jax.Array, ok: jax.Array) -> jax.Array:
     x: ``[N, ...]`` microgradients of one leaf.
     ok: ``[N]`` bool, the usable ones.
   """
-
-  def dense(x):
-    return jnp.tensordot(
-      w, x, axes=1, precision=PRECISION, preferred_element_type=w.dtype
-    )
-
-  def masked(x):
-    mask = ok.reshape((-1,) + (1,) * (x.ndim - 1))
-    return dense(jnp.where(mask, x, jnp.zeros((), x.dtype)))
-
   # 0 * nan is nan, so mask; the masked path costs one more pass over x, so
   # take it only on the rare step that needs it.
-  return jax.lax.cond(jnp.all(ok), dense, masked, x)
+  return jax.lax.cond(
+    jnp.all(ok),
+    lambda x: weighted_rows(w, x),
+    lambda x: weighted_rows(w, zero_unusable(x, ok)),
+    x,
+  )
 
 
 def weighted_sum(
