@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import optax_gaf
 from benchmarks import _common
-from optax_gaf import _placement
+from optax_gaf import _gram
 from optax_gaf import rules
 
 TAU = 0.97
@@ -217,11 +217,11 @@ def ghost_parts(loss, n):
   grad_fn = optax_gaf.ghost_microgradients(loss, n)
 
   def capture(p, b):
-    return grad_fn(p, b)[1].max_abs(None)
+    return grad_fn(p, b)[1].max_abs()
 
   def gram(p, b):
     ghost = grad_fn(p, b)[1]
-    return _placement.statistics(ghost, ghost.virtual_leaves)
+    return _gram.safe_gram(ghost)
 
   def rule(p, b):
     g, ok, _ = gram(p, b)
@@ -229,8 +229,8 @@ def ghost_parts(loss, n):
 
   def combine(p, b):
     ghost = grad_fn(p, b)[1]
-    g, ok, _ = _placement.statistics(ghost, ghost.virtual_leaves)
-    return ghost.combine(None, rules.sequential(g, ok, TAU).weights, ok)
+    g, ok, _ = _gram.safe_gram(ghost)
+    return ghost.combine(rules.sequential(g, ok, TAU).weights, ok)
 
   return {"capture": capture, "gram": gram, "rule": rule, "combine": combine}
 

@@ -6,6 +6,9 @@ built from three stages: the Gram matrix of microgradient inner products, a
 rule that turns it into weights, and the weighted sum.
 """
 
+import warnings
+
+from optax_gaf import placement
 from optax_gaf import rules
 from optax_gaf._adacons import AdaConsState
 from optax_gaf._adacons import adacons
@@ -20,8 +23,6 @@ from optax_gaf._ghost import ghost_microgradients
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
 from optax_gaf._per_microgradient import per_microgradient
-from optax_gaf._placement import Placement
-from optax_gaf._placement import resolve_placement
 from optax_gaf._process import process
 from optax_gaf._stats import stats
 from optax_gaf._streaming import FilteredGradients
@@ -41,7 +42,6 @@ __all__ = (
   "FilteredGradients",
   "GAFState",
   "GhostMicrogradients",
-  "Placement",
   "RuleOutput",
   "adacons",
   "and_mask",
@@ -51,11 +51,34 @@ __all__ = (
   "ghost_microgradients",
   "microbatch_grads",
   "per_microgradient",
+  "placement",
   "process",
-  "resolve_placement",
   "rules",
   "split_microbatches",
   "stats",
   "streamed",
   "streaming_grads",
 )
+
+
+# Renamed public names: the old ones still work, with a DeprecationWarning.
+_DEPRECATED = {
+  "Placement": (placement, "Placement", "optax_gaf.placement.Placement"),
+  "resolve_placement": (
+    placement,
+    "resolve_placement",
+    "optax_gaf.placement.resolve_placement",
+  ),
+}
+
+
+def __getattr__(name):
+  if name in _DEPRECATED:
+    module, attr, new = _DEPRECATED[name]
+    warnings.warn(
+      f"optax_gaf.{name} is deprecated; use {new}.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return getattr(module, attr)
+  raise AttributeError(f"module 'optax_gaf' has no attribute {name!r}")

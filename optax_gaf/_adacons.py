@@ -209,12 +209,12 @@ def _update(
   _checks.microgradients(grads, params)
   leaves, treedef = jax.tree.flatten(grads)
   placement = _placement.resolve_placement(leaves, axis_name, collective)
-  n = placement.num_microgradients(leaves[0].shape[0])
+  n = placement.num_microgradients
   if num_microbatches is not None and n != num_microbatches:
     raise ValueError(
       f"adacons(num_microbatches={num_microbatches}) got {n} microgradients."
     )
-  gram, usable, factors = _placement.statistics(placement, leaves)
+  gram, usable, factors = _gram.safe_gram(placement)
   weights, length, ready, alpha, sorted_m = consensus_weights(
     gram,
     usable,
@@ -232,7 +232,7 @@ def _update(
     c = jnp.min(jnp.where(usable, factors, jnp.inf))
     c = jnp.where(jnp.any(usable), c, 1.0)
     weights = weights * (length * (1.0 / c))
-  updates = treedef.unflatten(placement.combine(leaves, weights, usable))
+  updates = treedef.unflatten(placement.combine(weights, usable))
   recorded = num_microbatches is not None
   new_state = AdaConsState(
     **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),

@@ -150,10 +150,10 @@ def _update(
       " with None to record no per-leaf fractions)."
     )
   placement = _placement.resolve_placement(leaves, axis_name, collective)
-  gram, usable, _ = _placement.statistics(placement, leaves)
+  gram, usable, _ = _gram.safe_gram(placement)
   threshold = _threshold_at(agreement_threshold, state.count)
   out, fractions = _masked_mean(
-    placement, leaves, usable, threshold, scale_grad_inverse_sparsity
+    placement, usable, threshold, scale_grad_inverse_sparsity
   )
   sizes = np.array([np.prod(x.shape[1:]) for x in leaves], np.float64)
   ready = jnp.any(usable) & jnp.any(fractions > 0)
@@ -175,14 +175,14 @@ def _threshold_at(agreement_threshold, count) -> jax.Array:
   return jnp.asarray(agreement_threshold, jnp.float32)
 
 
-def _masked_mean(placement, leaves, usable, threshold, rescale):
+def _masked_mean(placement, usable, threshold, rescale):
   """The AND-masked mean per leaf, and the fraction kept in each leaf."""
-  n = placement.num_microgradients(leaves[0].shape[0])
+  n = placement.num_microgradients
   n_ok = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)
   # Sums of +-1 and 0 are exact in float32.
-  signs = [jnp.sign(x).astype(jnp.float32) for x in leaves]
-  sign_sums = placement.combine(signs, jnp.ones([n], jnp.float32), usable)
-  means = placement.combine(leaves, jnp.ones([n], jnp.float32) / n_ok, usable)
+  signs = [jnp.sign(x).astype(jnp.float32) for x in placement.leaves]
+  sign_sums = placement.combine(jnp.ones([n], jnp.float32), usable, signs)
+  means = placement.combine(jnp.ones([n], jnp.float32) / n_ok, usable)
   masks = [jnp.abs(s) / n_ok >= threshold for s in sign_sums]
   # A zero-size leaf keeps no coordinate (jnp.mean would give NaN).
   fractions = jnp.stack(

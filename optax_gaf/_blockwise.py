@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_gaf import _combine
 from optax_gaf import _gram
 from optax_gaf import rules
 
@@ -99,7 +100,7 @@ def absorb(
     gram, ok, tau, shrink, cross, carry.agg_sq_norm, carry.has_anchor
   )
   rows = jnp.stack([s.w, ok.astype(s.w.dtype)])
-  folded = [_gram.masked_tensordot(rows, x, ok) for x in block]
+  folded = [_combine.masked_tensordot(rows, x, ok) for x in block]
   if carry.aggregate is None:
     aggregate = [f[0] for f in folded]
     total = [f[1] for f in folded]

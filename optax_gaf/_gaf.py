@@ -236,7 +236,7 @@ def _threshold_of(config: _Config, state: GAFState, leaves) -> jax.Array:
 
 
 def _checked_n(config: _Config, placement, leaves) -> int:
-  n = placement.num_microgradients(leaves[0].shape[0])
+  n = placement.num_microgradients
   if n < 2:
     raise ValueError(
       f"GAF needs at least 2 microgradients to compare; got N={n}."
@@ -276,9 +276,9 @@ def _apply_rule(config: _Config, gram, usable, tau) -> rules.RuleOutput:
 
 
 def _gram_route(config: _Config, placement, leaves, tau):
-  gram, usable, _ = _placement.statistics(placement, leaves, config.per_leaf)
+  gram, usable, _ = _gram.safe_gram(placement, config.per_leaf)
   out = _apply_rule(config, gram, usable, tau)
-  updates = placement.combine(leaves, out.weights, usable)
+  updates = placement.combine(out.weights, usable)
   return updates, out, _gram.gradient_diversity(gram)
 
 
@@ -329,13 +329,13 @@ def _ghost_input(config: _Config, ghost, state: GAFState):
       " and sharded_params need stacked microgradients from"
       " microbatch_grads (or use plain jax.jit over sharded arrays)."
     )
-  _check_leaf_count(config, state, ghost.virtual_leaves)
-  return ghost.virtual_leaves, ghost.treedef, ghost
+  _check_leaf_count(config, state, ghost.leaves)
+  return ghost.leaves, ghost.treedef, ghost
 
 
 def _update(config: _Config, grads, state, params=None, **extra_args):
   del extra_args  # e.g. value= for reduce_on_plateau, later in the chain
-  if isinstance(grads, _ghost.GhostMicrogradients):
+  if isinstance(grads, _placement.PlacedMicrogradients):
     leaves, treedef, placement = _ghost_input(config, grads, state)
   else:
     leaves, treedef = _validate(config, grads, state, params)

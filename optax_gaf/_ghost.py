@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_gaf import _checks
+from optax_gaf import _combine
 from optax_gaf import _gram
 from optax_gaf import _layer_grads
 from optax_gaf import _layers
@@ -40,7 +41,7 @@ def _mask(ok, x):
   """Zeros the rows of unusable microbatches (``0 * nan`` is nan)."""
   if ok is None or not jnp.issubdtype(x.dtype, jnp.inexact):
     return x
-  return _gram.zero_unusable(x, ok)
+  return _combine.zero_unusable(x, ok)
 
 
 def _scaled(x, f):
@@ -99,9 +100,13 @@ class GhostMicrogradients:
       raise AttributeError(name)
     raise NotArraysError(f"{_NOT_ARRAYS} (It has no attribute {name!r}.)")
 
-  def num_microgradients(self, n_local: int) -> int:
-    del n_local
+  @property
+  def num_microgradients(self) -> int:
     return self.num_microbatches
+
+  @property
+  def leaves(self) -> list[jax.ShapeDtypeStruct]:
+    return self.virtual_leaves
 
   def _dtype(self):
     return _gram.stat_dtype(self.virtual_leaves)
@@ -136,18 +141,16 @@ class GhostMicrogradients:
       )
     return self._cache[i]
 
-  def gram(self, leaves, per_leaf=False, factors=None) -> jax.Array:
-    """Stage 1, as ``Placement.gram`` (``leaves`` are the virtual ones)."""
-    del leaves
+  def gram(self, per_leaf=False, factors=None) -> jax.Array:
+    """Stage 1, as ``Placement.gram``."""
     grams = []
     for i in range(len(self._avals)):
       f = None if factors is None else factors[i] if per_leaf else factors
       grams.append(self._leaf_gram(i, f))
     return jnp.stack(grams) if per_leaf else sum(grams[1:], grams[0])
 
-  def max_abs(self, leaves) -> jax.Array:
+  def max_abs(self) -> jax.Array:
     """``[L, N]`` bounds on each microgradient's largest entry, per leaf."""
-    del leaves
     n, dtype = self.num_microbatches, self._dtype()
     out = []
     for i in range(len(self._avals)):
@@ -160,9 +163,14 @@ class GhostMicrogradients:
         out.append(jnp.zeros([n], dtype))
     return jnp.stack(out)
 
-  def combine(self, leaves, weights, usable) -> list[jax.Array]:
+  def combine(self, weights, usable, leaves=None) -> list[jax.Array]:
     """Stage 3: ``sum_n w_n g_n`` per leaf, in each leaf's dtype."""
-    del leaves
+    if leaves is not None:
+      raise NotArraysError(
+        "GhostMicrogradients combines its own microgradients only; a"
+        " transform that needs other arrays per microgradient (and_mask's"
+        " signs) needs optax_gaf.microbatch_grads."
+      )
     for i, route in enumerate(self.routes):  # formed once, outside the cond
       if route == "materialize":
         self._examples(i)
@@ -180,10 +188,10 @@ class GhostMicrogradients:
       w = weights if weights.ndim == 1 else weights[i]
       ok = None if usable is None else usable if usable.ndim == 1 else usable[i]
       if i in self._direct:
-        g = _gram.weighted_rows(w, _mask(ok, self._direct[i]))
+        g = _combine.weighted_rows(w, _mask(ok, self._direct[i]))
       elif self.routes[i] == "materialize":
         site = self._plan.sites[self._site[i]]
-        g = _gram.weighted_rows(w, _mask(ok, self._examples(i)))
+        g = _combine.weighted_rows(w, _mask(ok, self._examples(i)))
         g = _layer_grads.to_operand(site, g, self.num_microbatches)
         g = _layer_grads.to_leaf(site, g, aval)
       elif i in self._site:  # the book-keeping combine: x^T (w * d)

@@ -1,13 +1,16 @@
-"""Stages 1 and 3 on arrays: the Gram matrix, sanitizing and the weighted sum.
+"""Stage 1: the Gram matrix of the microgradients, safe from float range.
 
 Every microgradient is a pytree whose leaves carry a leading axis of size N.
-Stage 1 reduces them to the ``N x N`` Gram matrix of inner products; stage 3
-takes a rule's weights back to one update. Nothing here knows about rules or
-devices: the placements in ``_placement.py`` call these functions on whatever
-part of the microgradients a device holds.
+Stage 1 reduces them to the ``N x N`` Gram matrix of inner products. The
+array functions here know nothing about rules or devices: the placements call
+them on whatever part of the microgradients a device holds, and
+:func:`safe_gram` asks a placement for the matrix, rescaled on the rare step
+whose norms leave the float range. Stage 3, the weighted sum, is
+``_combine.py``.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,57 +93,6 @@ def sanitized(gram_matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   usable = jnp.isfinite(sq_norms) & (sq_norms > 0)
   both = usable[..., :, None] & usable[..., None, :]
   return jnp.where(both, gram_matrix, 0.0), usable
-
-
-def weighted_rows(w: jax.Array, x: jax.Array) -> jax.Array:
-  """``w @ x`` over the microbatch axis, in ``w``'s dtype, full precision."""
-  return jnp.tensordot(
-    w, x, axes=1, precision=PRECISION, preferred_element_type=w.dtype
-  )
-
-
-def zero_unusable(x: jax.Array, ok: jax.Array) -> jax.Array:
-  """``x [N, ...]`` with the rows of unusable microgradients zeroed."""
-  mask = ok.reshape((-1,) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x, jnp.zeros((), x.dtype))
-
-
-def masked_tensordot(w: jax.Array, x: jax.Array, ok: jax.Array) -> jax.Array:
-  """``w @ x`` over the microbatch axis in ``w``'s dtype, zeroing unusable ones.
-
-  Args:
-    w: ``[N]`` weights, or ``[R, N]`` for R weighted sums at once.
-    x: ``[N, ...]`` microgradients of one leaf.
-    ok: ``[N]`` bool, the usable ones.
-  """
-  # 0 * nan is nan, so mask; the masked path costs one more pass over x, so
-  # take it only on the rare step that needs it.
-  return jax.lax.cond(
-    jnp.all(ok),
-    lambda x: weighted_rows(w, x),
-    lambda x: weighted_rows(w, zero_unusable(x, ok)),
-    x,
-  )
-
-
-def weighted_sum(
-  leaves: Sequence[jax.Array], weights: jax.Array, usable: jax.Array
-) -> list[jax.Array]:
-  """Returns ``sum_i w_i g_i`` per leaf, in each leaf's dtype.
-
-  Args:
-    leaves: arrays ``[N, ...]``.
-    weights: ``[N]`` (one weight per microgradient) or ``[L, N]`` (per leaf).
-    usable: ``[N]`` or ``[L, N]`` bool; unusable microgradients are zeroed
-      before the sum, since ``0 * nan`` would still poison it.
-  """
-  weights = jnp.asarray(weights, stat_dtype(leaves))
-  out = []
-  for i, x in enumerate(leaves):
-    w = weights if weights.ndim == 1 else weights[i]
-    ok = usable if usable.ndim == 1 else usable[i]
-    out.append(masked_tensordot(w, x, ok).astype(x.dtype))
-  return out
 
 
 def diversity(sum_sq_norms: jax.Array, sq_norm_of_sum: jax.Array) -> jax.Array:
@@ -246,3 +198,41 @@ def scale_leaves(
     scaled = x.astype(dtype) * f.astype(dtype)
     out.append(jnp.where(f > 0, scaled, jnp.zeros((), dtype)))
   return out
+
+
+def safe_gram(
+  placement: Any, per_leaf: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Stage 1 as every aggregator runs it, safe from under- and overflow.
+
+  When a squared norm on the Gram diagonal leaves the safe range (or is zero
+  or non-finite), the Gram matrix is taken again of rescaled microgradients
+  ``f_i g_i`` (:func:`rescale_factors`): one more pass over them, on that
+  rare step only. A common factor changes no rule's weights, which apply to
+  the original ``g_i``.
+
+  Args:
+    placement: a bound :class:`optax_gaf.placement.Placement`.
+    per_leaf: one matrix per leaf, ``[L, N, N]``.
+
+  Returns:
+    ``(gram, usable, factors)``: the sanitized Gram matrix of ``f_i g_i``,
+    the mask of usable microgradients and ``f`` (ones on the common step),
+    shaped like ``usable``.
+  """
+  gram_matrix = placement.gram(per_leaf)
+
+  def plain(gram_matrix):
+    return gram_matrix, jnp.ones(gram_matrix.shape[:-1], gram_matrix.dtype)
+
+  def rescaled(gram_matrix):
+    scales = placement.max_abs()  # [L, N]
+    if not per_leaf:
+      scales = jnp.max(scales, axis=0)  # NaN and inf propagate
+    f = rescale_factors(scales).astype(gram_matrix.dtype)
+    return placement.gram(per_leaf, f), f
+
+  safe = in_safe_range(jnp.diagonal(gram_matrix, axis1=-2, axis2=-1))
+  gram_matrix, factors = jax.lax.cond(safe, plain, rescaled, gram_matrix)
+  gram_matrix, usable = sanitized(gram_matrix)
+  return gram_matrix, usable, factors

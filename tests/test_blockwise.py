@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import optax_gaf
 from optax_gaf import _blockwise
+from optax_gaf import _combine
 from optax_gaf import _gram
 from optax_gaf import rules
 from tests import helpers
@@ -29,7 +30,7 @@ def gram_route(leaves, tau, rule):
   """The reference: Gram matrix -> rule -> weighted sum (stages 1 to 3)."""
   gram, usable = _gram.sanitized(_gram.gram(leaves))
   out = rules.BY_NAME[rule](gram, usable, tau)
-  updates = _gram.weighted_sum(leaves, out.weights, usable)
+  updates = _combine.weighted_sum(leaves, out.weights, usable)
   return updates, out, _gram.gradient_diversity(gram)
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from jax.extend import core as jcore
 
 import optax_gaf
+from optax_gaf import _combine
 from optax_gaf import _gram
 from optax_gaf import _layer_grads
 from optax_gaf import rules
@@ -69,9 +70,7 @@ def ghost_eval(loss, n, params, batch, route="auto", weights=None):
   def run(p, b, w):
     ghost = ghost_of(loss, n, p, b, route)
     routes[:] = ghost.routes
-    return ghost.gram(None, per_leaf=True), ghost.combine(
-      None, w, jnp.ones(n, bool)
-    )
+    return ghost.gram(per_leaf=True), ghost.combine(w, jnp.ones(n, bool))
 
   dtype = jax.tree.leaves(params)[0].dtype
   w = jnp.full(n, 1 / n, dtype) if weights is None else weights
@@ -84,7 +83,9 @@ def materialized_eval(loss, n, params, batch, weights):
   def run(p, b, w):
     leaves = jax.tree.leaves(materialized(loss, n, p, b))
     ok = jnp.ones(n, bool)
-    return _gram.gram(leaves, per_leaf=True), _gram.weighted_sum(leaves, w, ok)
+    return _gram.gram(leaves, per_leaf=True), _combine.weighted_sum(
+      leaves, w, ok
+    )
 
   return run(params, batch, weights)
 

@@ -10,13 +10,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import optax_gaf
+from optax_gaf import _combine
 from optax_gaf import _gram
 from tests import helpers
 from tests import oracle
 from tests.helpers import SHAPES
 
 _gram_jit = jax.jit(_gram.gram, static_argnames="per_leaf")
-_weighted_sum = jax.jit(_gram.weighted_sum)
+_weighted_sum = jax.jit(_combine.weighted_sum)
 
 
 @settings(max_examples=15, deadline=None)

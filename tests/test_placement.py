@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 from optax.experimental import aggregating
 
 import optax_gaf
-from optax_gaf import _placement
 from tests import helpers
 from tests import oracle
 from tests.helpers import MESH_NAMES
@@ -69,18 +68,22 @@ def _run_shard_map(leaves, rule, collective, per_device=False):
 
 
 def _placement_type(leaves, axis_name=None, collective="all_to_all"):
-  return type(_placement.resolve_placement(leaves, axis_name, collective))
+  return type(
+    optax_gaf.placement.resolve_placement(leaves, axis_name, collective)
+  )
 
 
 def test_resolve_placement_without_axis_is_local():
-  assert _placement_type([jnp.ones((4, 2))]) is _placement.LocalPlacement
+  assert (
+    _placement_type([jnp.ones((4, 2))]) is optax_gaf.placement.LocalPlacement
+  )
 
 
 @pytest.mark.parametrize(
   "collective, want",
   [
-    ("all_to_all", _placement.AllToAllPlacement),
-    ("all_gather", _placement.AllGatherPlacement),
+    ("all_to_all", optax_gaf.placement.AllToAllPlacement),
+    ("all_gather", optax_gaf.placement.AllGatherPlacement),
   ],
 )
 def test_resolve_placement_in_shard_map_and_pmap(collective, want):
@@ -120,15 +123,15 @@ def test_resolve_placement_under_plain_jit():
   with jax.set_mesh(auto):
     named(helpers.shard(jnp.ones((D, 2)), on=auto))
   assert found == {
-    "explicit": _placement.MeshPlacement,
-    "named": _placement.MeshPlacement,
-    "named_gather": _placement.LocalPlacement,
+    "explicit": optax_gaf.placement.MeshPlacement,
+    "named": optax_gaf.placement.MeshPlacement,
+    "named_gather": optax_gaf.placement.LocalPlacement,
   }
 
 
 def test_resolve_placement_with_an_unbound_axis_says_what_to_do():
   with pytest.raises(ValueError, match="not bound.*shard_map.*pmap.*set_mesh"):
-    _placement.resolve_placement([jnp.ones((4, 2))], "data")
+    optax_gaf.placement.resolve_placement([jnp.ones((4, 2))], "data")
   agg = optax_gaf.gaf(TAU, axis_name="data")
   with pytest.raises(ValueError, match="not bound.*shard_map.*pmap"):
     agg.update(jnp.ones((4, 3)), agg.init(None))
@@ -136,8 +139,10 @@ def test_resolve_placement_with_an_unbound_axis_says_what_to_do():
 
 def test_resolve_placement_checks_its_arguments():
   with pytest.raises(ValueError, match="collective"):
-    _placement.resolve_placement([jnp.ones((4, 2))], None, "ring")
-  assert optax_gaf.resolve_placement is _placement.resolve_placement
+    optax_gaf.placement.resolve_placement([jnp.ones((4, 2))], None, "ring")
+  with pytest.warns(DeprecationWarning, match="optax_gaf.placement"):
+    old = optax_gaf.resolve_placement
+  assert old is optax_gaf.placement.resolve_placement
 
 
 # --- gaf across devices
@@ -273,10 +278,10 @@ def test_per_leaf_gram_and_weights_across_devices():
   usable[1, 3] = False
 
   def fn(*local):
-    place = optax_gaf.resolve_placement(list(local), "data")
-    assert isinstance(place, _placement.AllToAllPlacement)
-    gram = place.gram(list(local), per_leaf=True)
-    return gram, place.combine(list(local), weights, usable)
+    place = optax_gaf.placement.resolve_placement(list(local), "data")
+    assert isinstance(place, optax_gaf.placement.AllToAllPlacement)
+    gram = place.gram(per_leaf=True)
+    return gram, place.combine(weights, usable)
 
   fn = jax.jit(
     jax.shard_map(fn, mesh=helpers.mesh(), in_specs=P("data"), out_specs=P())
