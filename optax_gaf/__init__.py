@@ -19,6 +19,7 @@ from optax_gaf._gaf import gaf
 from optax_gaf._gaf import ghost_grads
 from optax_gaf._gaf import streamed
 from optax_gaf._ghost import GhostMicrogradients
+from optax_gaf._ghost import ghost_filtered_grads as ghost_filtered_grads
 from optax_gaf._ghost import ghost_microgradients
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches

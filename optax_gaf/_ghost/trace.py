@@ -1,13 +1,16 @@
 """The layers that read each parameter, found in the loss function's jaxpr.
 
-:func:`optax_gaf.ghost_microgradients` traces ``loss_fn(params, microbatch)``
-once and sorts every parameter leaf:
+The only module of optax_gaf that reads jaxpr equations. It traces
+``loss_fn(params, microbatch)`` once and sorts every parameter leaf:
 
-- a **site** leaf is read by exactly one linear layer (``dot_general``,
-  ``conv_general_dilated`` or ``gather``), possibly through reshapes,
-  transposes and dtype casts. Its microgradient is a function of that layer's
-  other operand ``x`` and output gradient ``d`` alone, which :func:`run`
-  captures;
+- a **site** leaf is read by exactly one linear operation that a layer class
+  of ``layers.py`` is registered for (``dot_general``,
+  ``conv_general_dilated``, ``gather``), possibly through reshapes,
+  transposes and dtype casts. Its microgradient is a function of that
+  layer's other operand ``x`` and output gradient ``d`` alone, which
+  :func:`run` captures. Each site holds a typed layer object (the
+  registered class, or :class:`~optax_gaf._ghost.layers.Opaque` where that
+  class declines);
 - an **unused** leaf has a zero gradient;
 - every other leaf (LayerNorm scales, biases, tied weights, parameters read
   inside a ``scan`` or a custom derivative) is **direct**: autodiff forms its
@@ -22,54 +25,48 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jcore
+
+from optax_gaf._ghost import layers
 
 # Isometries of a tensor: they keep inner products, so a layer that reads a
 # parameter through them still has a ghost Gram matrix.
 _STRUCTURAL = frozenset(
   {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims"}
 )
-# Primitives linear in one operand, and which operand may be the parameter.
-_LINEAR = {"dot_general": (0, 1), "conv_general_dilated": (1,), "gather": (0,)}
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Site:
-  """A linear layer that is the only reader of one parameter leaf.
+  """A layer that is the only reader of one parameter leaf.
 
   Attributes:
     path: the layer's equation index, through nested ``jit`` calls.
-    eqn: the layer's jaxpr equation.
-    param_pos: which operand of ``eqn`` is (derived from) the parameter.
     leaf: the parameter's index in ``jax.tree.leaves(params)``.
+    param_pos: which operand of the layer is (derived from) the parameter.
+    layer: the typed layer (``layers.Dense``, ``layers.Conv``...).
     chain: the structural equations from the leaf to that operand.
   """
 
   path: tuple[int, ...]
-  eqn: Any
-  param_pos: int
   leaf: int
+  param_pos: int
+  layer: layers.Layer
   chain: tuple[Any, ...]
 
-  @property
-  def kind(self) -> str:
-    return self.eqn.primitive.name
+  def operand_of(self, leaf: jax.Array) -> jax.Array:
+    """The layer's parameter operand, from the leaf (replays the chain)."""
+    for eqn in self.chain:
+      leaf = _bind(eqn, [leaf])[0]
+    return leaf
 
-  @property
-  def operand(self) -> Any:
-    """The parameter operand's abstract value (shape and dtype)."""
-    return self.eqn.invars[self.param_pos].aval
-
-  @property
-  def out(self) -> Any:
-    return self.eqn.outvars[0].aval
-
-  def apply(self, w: jax.Array, others: Sequence[jax.Array]) -> jax.Array:
-    """The layer with the parameter operand ``w`` and the other operands."""
-    ins = list(others)
-    ins.insert(self.param_pos, w)
-    return _bind(self.eqn, ins)[0]
+  def to_leaf(self, operand_grad: jax.Array, leaf_aval) -> jax.Array:
+    """Maps a gradient of the layer's parameter operand back to its leaf."""
+    zero = jnp.zeros(leaf_aval.shape, leaf_aval.dtype)
+    _, vjp = jax.vjp(self.operand_of, zero)
+    return vjp(operand_grad.astype(self.layer.operand.dtype))[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,12 +89,38 @@ def _bind(eqn, ins) -> list:
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _aval(v) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+
+
+def _layer(eqn, param_pos: int) -> layers.Layer:
+  """The typed layer of ``eqn`` read at ``param_pos``; Opaque if none fits."""
+
+  def apply(w, others):
+    ins = list(others)
+    ins.insert(param_pos, w)
+    return _bind(eqn, ins)[0]
+
+  kind = eqn.primitive.name
+  op = layers.LinearOp(
+    kind=kind,
+    params=dict(eqn.params),
+    ins=tuple(_aval(v) for v in eqn.invars),
+    out=_aval(eqn.outvars[0]),
+    param_pos=param_pos,
+    apply=apply,
+  )
+  cls = layers.registered(kind)
+  layer = None if cls is None else cls.from_op(op)
+  return layers.Opaque.from_op(op) if layer is None else layer
+
+
 def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
   """Follows each parameter leaf through ``jaxpr``, recording its readers.
 
   ``origins`` maps a variable derived from a leaf by structural ops to
-  ``(leaf, chain)``; ``uses[leaf]`` collects a :class:`Site` per linear
-  reader and None per any other reader.
+  ``(leaf, chain)``; ``uses[leaf]`` collects ``(path, eqn, operand, chain)``
+  per linear reader and None per any other reader.
   """
   for i, eqn in enumerate(jaxpr.eqns):
     src = [
@@ -118,10 +141,10 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
           origins[outer] = inner_origins[v]
     else:
       readers = [k for k, o in enumerate(src) if o]
-      if len(readers) == 1 and readers[0] in _LINEAR.get(name, ()):
+      if len(readers) == 1 and readers[0] in layers.param_operands(name):
         k = readers[0]
         leaf, chain = src[k]
-        uses[leaf].append(Site(path + (i,), eqn, k, leaf, chain))
+        uses[leaf].append((path + (i,), eqn, k, chain))
       else:
         for o in src:
           if o:
@@ -148,7 +171,12 @@ def find_sites(fn, params, *args) -> Plan:
   for v in closed.jaxpr.outvars:
     if isinstance(v, jcore.Var) and v in origins:
       uses[origins[v][0]].append(None)
-  sites = tuple(u[0] for u in uses.values() if len(u) == 1 and u[0] is not None)
+  sites = tuple(
+    Site(path, leaf, k, _layer(eqn, k), chain)
+    for leaf, u in uses.items()
+    if len(u) == 1 and u[0] is not None
+    for path, eqn, k, chain in u
+  )
   site_leaves = {s.leaf for s in sites}
   return Plan(
     jaxpr=closed,
@@ -203,10 +231,3 @@ def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
 
   outs = go(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(flat_args), ())
   return outs, captures
-
-
-def replay_chain(chain: Sequence[Any], leaf: jax.Array) -> jax.Array:
-  """The parameter operand of a site, from its leaf."""
-  for eqn in chain:
-    leaf = _bind(eqn, [leaf])[0]
-  return leaf

@@ -12,8 +12,10 @@ so
 
 Per layer the cheaper route is taken: ghost costs about ``(N S)^2 (K + J)``,
 forming that layer's N microgradients about ``N S K J + N^2 K J`` (S tokens
-per microbatch, K inputs, J outputs). Direct leaves (see ``_layers``) come
-with their per-microbatch gradients from autodiff.
+per microbatch, K inputs, J outputs); ``layers.py`` has each layer kind's
+maths. Direct leaves (see ``trace.py``) come with their per-microbatch
+gradients from autodiff. Each leaf gets one object here that forms its Gram
+matrix, its largest entries and its weighted sum; ``routes`` names them.
 
 :class:`GhostMicrogradients` is a placement: ``gaf`` asks it for the Gram
 matrix and the weighted sum exactly as it asks a device placement, so every
@@ -28,25 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_gaf import _checks
-from optax_gaf import _combine
-from optax_gaf import _gram
-from optax_gaf import _layer_grads
-from optax_gaf import _layers
 from optax_gaf import _microbatching
+from optax_gaf._ghost import leaves
+from optax_gaf._ghost import trace
 
 ROUTES = ("auto", "ghost", "materialize")
-
-
-def _mask(ok, x):
-  """Zeros the rows of unusable microbatches (``0 * nan`` is nan)."""
-  if ok is None or not jnp.issubdtype(x.dtype, jnp.inexact):
-    return x
-  return _combine.zero_unusable(x, ok)
-
-
-def _scaled(x, f):
-  """``f_n x_n`` in the statistics' dtype, zero where ``f_n`` is 0."""
-  return _gram.scale_leaves([x], f)[0]
 
 
 _NOT_ARRAYS = (
@@ -79,14 +67,10 @@ class GhostMicrogradients:
       or ``"unused"`` (how its Gram matrix is formed).
   """
 
-  def __init__(self, plan, n, treedef, avals, captures, cotangents, direct,
-               routes):  # fmt: skip
-    self._plan, self._avals = plan, avals
-    self._captures, self._cotangents = captures, cotangents
-    self._direct = dict(zip(plan.direct, direct))
-    self._site = {s.leaf: k for k, s in enumerate(plan.sites)}
-    self.num_microbatches, self.treedef, self.routes = n, treedef, routes
-    self._cache = {}
+  def __init__(self, per_leaf, n, treedef, avals):
+    self._per_leaf, self._avals = per_leaf, avals
+    self.num_microbatches, self.treedef = n, treedef
+    self.routes = [leaf.route for leaf in per_leaf]
     self.virtual_leaves = [
       jax.ShapeDtypeStruct((n, *a.shape), a.dtype) for a in avals
     ]
@@ -108,60 +92,17 @@ class GhostMicrogradients:
   def leaves(self) -> list[jax.ShapeDtypeStruct]:
     return self.virtual_leaves
 
-  def _dtype(self):
-    return _gram.stat_dtype(self.virtual_leaves)
-
-  def _leaf_gram(self, i, f):
-    """``[N, N]`` Gram matrix of leaf i's microgradients (scaled by ``f``)."""
-    n, dtype = self.num_microbatches, self._dtype()
-    if i in self._direct:
-      g = self._direct[i]
-      return _gram.cross_gram(*(2 * [g if f is None else _scaled(g, f)]), dtype)
-    if i not in self._site:
-      return jnp.zeros((n, n), dtype)
-    k = self._site[i]
-    site, others = self._plan.sites[k], self._captures[k]
-    d = self._cotangents[k]
-    if self.routes[i] == "ghost" and f is not None:
-      # x to at most 1, d takes the rest: g_n becomes f_n g_n.
-      others, d = _rescaled_captures(site, others, d, f)
-    if self.routes[i] == "ghost":
-      return _layer_grads.ghost_gram(site, others, d, dtype)
-    g = self._examples(i)
-    g = g if f is None else _scaled(g, f)
-    return _gram.cross_gram(g, g, dtype)
-
-  def _examples(self, i):
-    """Leaf i's layer's N microgradients, formed once for Gram and combine."""
-    if i not in self._cache:
-      k = self._site[i]
-      site = self._plan.sites[k]
-      self._cache[i] = _layer_grads.per_example(
-        site, self._captures[k], self._cotangents[k]
-      )
-    return self._cache[i]
-
   def gram(self, per_leaf=False, factors=None) -> jax.Array:
     """Stage 1, as ``Placement.gram``."""
     grams = []
-    for i in range(len(self._avals)):
+    for i, leaf in enumerate(self._per_leaf):
       f = None if factors is None else factors[i] if per_leaf else factors
-      grams.append(self._leaf_gram(i, f))
+      grams.append(leaf.gram(f))
     return jnp.stack(grams) if per_leaf else sum(grams[1:], grams[0])
 
   def max_abs(self) -> jax.Array:
     """``[L, N]`` bounds on each microgradient's largest entry, per leaf."""
-    n, dtype = self.num_microbatches, self._dtype()
-    out = []
-    for i in range(len(self._avals)):
-      if i in self._direct:
-        out.append(_gram.max_abs([self._direct[i]])[0])
-      elif i in self._site:
-        k = self._site[i]
-        out.append(_site_scale(self._captures[k], self._cotangents[k], dtype))
-      else:
-        out.append(jnp.zeros([n], dtype))
-    return jnp.stack(out)
+    return jnp.stack([leaf.max_abs() for leaf in self._per_leaf])
 
   def combine(self, weights, usable, leaves=None) -> list[jax.Array]:
     """Stage 3: ``sum_n w_n g_n`` per leaf, in each leaf's dtype."""
@@ -171,9 +112,8 @@ class GhostMicrogradients:
         " transform that needs other arrays per microgradient (and_mask's"
         " signs) needs optax_gaf.microbatch_grads."
       )
-    for i, route in enumerate(self.routes):  # formed once, outside the cond
-      if route == "materialize":
-        self._examples(i)
+    for leaf in self._per_leaf:  # formed once, outside the cond
+      leaf.prepare()
     # Unusable rows must be zeroed (0 * nan is nan): a pass over every
     # capture, taken only on the rare step that needs it.
     return jax.lax.cond(
@@ -184,66 +124,11 @@ class GhostMicrogradients:
 
   def _combine(self, weights, usable):
     out = []
-    for i, aval in enumerate(self._avals):
+    for i, (leaf, aval) in enumerate(zip(self._per_leaf, self._avals)):
       w = weights if weights.ndim == 1 else weights[i]
       ok = None if usable is None else usable if usable.ndim == 1 else usable[i]
-      if i in self._direct:
-        g = _combine.weighted_rows(w, _mask(ok, self._direct[i]))
-      elif self.routes[i] == "materialize":
-        site = self._plan.sites[self._site[i]]
-        g = _combine.weighted_rows(w, _mask(ok, self._examples(i)))
-        g = _layer_grads.to_operand(site, g, self.num_microbatches)
-        g = _layer_grads.to_leaf(site, g, aval)
-      elif i in self._site:  # the book-keeping combine: x^T (w * d)
-        k = self._site[i]
-        site, d = self._plan.sites[k], self._cotangents[k]
-        others = [_mask(ok, x) for x in self._captures[k]]
-        wd = _mask(ok, d) * w.reshape((-1,) + (1,) * (d.ndim - 1)).astype(
-          d.dtype
-        )
-        g = _layer_grads.book_keeping(site, others, wd)
-        g = _layer_grads.to_leaf(site, g, aval)
-      else:
-        g = jnp.zeros(aval.shape, aval.dtype)
-      out.append(g.astype(aval.dtype))
+      out.append(leaf.combine(w, ok).astype(aval.dtype))
     return out
-
-
-def _site_scale(others, d, dtype):
-  """``max|x_n| * max|d_n|``: at least ``max|g_n| / S`` for a layer."""
-  n = d.shape[0]
-  scale = jnp.max(jnp.abs(d.reshape(n, -1)), axis=1).astype(dtype)
-  x = others[0]
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    scale *= jnp.max(jnp.abs(x.reshape(n, -1)), axis=1).astype(dtype)
-  return scale
-
-
-def _rescaled_captures(site, others, d, f):
-  """Captures whose microgradients are ``f_n g_n``, safe from overflow."""
-  x = others[0]
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    return others, _scaled(d, f)
-  top = jnp.max(jnp.where(f.reshape((-1,) + (1,) * (x.ndim - 1)) > 0,
-                          jnp.abs(x), 0))  # fmt: skip
-  top = jnp.where(top > 0, top, 1).astype(f.dtype)
-  x = _scaled(x, jnp.where(f > 0, 1 / top, 0))
-  return [x, *others[1:]], _scaled(d, f * top)
-
-
-def _routes(plan, n: int, route: str) -> list[str]:
-  """Per leaf: how its Gram matrix is formed (see ``GhostMicrogradients``)."""
-  routes = ["direct" if i in plan.direct else "unused"
-            for i in range(plan.n_leaves)]  # fmt: skip
-  for site in plan.sites:
-    ghost, materialize = _layer_grads.costs(site, n)
-    if ghost is None or route == "materialize":
-      routes[site.leaf] = "materialize"
-    elif route == "ghost" or ghost <= materialize:
-      routes[site.leaf] = "ghost"
-    else:
-      routes[site.leaf] = "materialize"
-  return routes
 
 
 def _check_plan(plan, params, has_aux: bool) -> None:
@@ -255,8 +140,8 @@ def _check_plan(plan, params, has_aux: bool) -> None:
         " non-float state out of params (pass it in the batch or *args)."
       )
   loss = plan.out_shape[0] if has_aux else plan.out_shape
-  if has_aux and not (isinstance(plan.out_shape, tuple)
-                      and len(plan.out_shape) == 2):  # fmt: skip
+  pair = isinstance(plan.out_shape, tuple) and len(plan.out_shape) == 2
+  if has_aux and not pair:
     raise ValueError("With has_aux=True, loss_fn must return (loss, aux).")
   if (
     not hasattr(loss, "shape")
@@ -272,9 +157,11 @@ def _check_plan(plan, params, has_aux: bool) -> None:
 def _capture(plan, n, params, micro, args, has_aux):
   """One vmapped forward and backward: losses, aux and the layer captures."""
   leaves = jax.tree.leaves(params)
-  stacked = [jnp.broadcast_to(leaves[i], (n, *leaves[i].shape))
-             for i in plan.direct]  # fmt: skip
-  zs = [jnp.zeros((n, *s.out.shape), s.out.dtype) for s in plan.sites]
+  stacked = [
+    jnp.broadcast_to(leaves[i], (n, *leaves[i].shape)) for i in plan.direct
+  ]
+  outs = [s.layer.out for s in plan.sites]
+  zs = [jnp.zeros((n, *o.shape), o.dtype) for o in outs]
   stacked, zs = _shard_like(stacked, micro), _shard_like(zs, micro)
   arg_leaves = jax.tree.leaves(args)
 
@@ -282,7 +169,7 @@ def _capture(plan, n, params, micro, args, has_aux):
     full = list(leaves)
     for i, x in zip(plan.direct, direct):
       full[i] = x
-    outs, caps = _layers.run(plan, full + jax.tree.leaves(mb) + arg_leaves, z)
+    outs, caps = trace.run(plan, full + jax.tree.leaves(mb) + arg_leaves, z)
     value = plan.out_tree.unflatten(outs)
     loss = value[0] if has_aux else value
     return loss, (value, caps)
@@ -381,18 +268,19 @@ def ghost_microgradients(
   def fn(params, batch, *args):
     micro = _microbatching.split_microbatches(batch, n)
     micro = jax.tree.map(jnp.asarray, micro)
-    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                       micro)  # fmt: skip
-    plan = _layers.find_sites(loss_fn, params, one, *args)
+    one = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro
+    )
+    plan = trace.find_sites(loss_fn, params, one, *args)
     _check_plan(plan, params, has_aux)
     value, caps, ds, direct = _capture(plan, n, params, micro, args, has_aux)
     caps, ds, direct = _gathered((caps, ds, direct), micro)
-    avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-             for x in jax.tree.leaves(params)]  # fmt: skip
-    ghost = GhostMicrogradients(
-      plan, n, jax.tree.structure(params), avals, caps, ds, direct,
-      _routes(plan, n, route),
-    )  # fmt: skip
-    return value, ghost
+    avals = [
+      jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+      for x in jax.tree.leaves(params)
+    ]
+    per_leaf = leaves.per_leaf(plan, n, route, avals, caps, ds, direct)
+    treedef = jax.tree.structure(params)
+    return value, GhostMicrogradients(per_leaf, n, treedef, avals)
 
   return fn

@@ -1,4 +1,4 @@
-"""ghost_microgradients and ghost_grads: no N x P arrays, the same GAF.
+"""ghost_microgradients, ghost_filtered_grads: no N x P arrays, the same GAF.
 
 Checked against float64 NumPy oracles (tests/oracle_models.py) and against
 the materialized route (microbatch_grads), which the rest of the suite
@@ -23,8 +23,8 @@ from jax.extend import core as jcore
 import optax_gaf
 from optax_gaf import _combine
 from optax_gaf import _gram
-from optax_gaf import _layer_grads
 from optax_gaf import rules
+from optax_gaf._ghost import layers
 from tests import oracle
 from tests import oracle_models
 
@@ -340,7 +340,7 @@ def test_ghost_grads_equals_gaf_on_materialized():
   params, batch = mlp_setup(batch=16)
   for rule in ("sequential", "medoid"):
     got_losses, filtered = jax.jit(
-      optax_gaf.ghost_grads(mlp_loss, 8, 0.9, rule=rule)
+      optax_gaf.ghost_filtered_grads(mlp_loss, 8, 0.9, rule=rule)
     )(params, batch)
     want_losses = optax_gaf.microbatch_grads(mlp_loss, 8)(params, batch)[0]
     (want, state), _ = two_gaf_steps(
@@ -573,7 +573,7 @@ def test_convolutions_float64(
   """Strides, padding, dilation, layouts: as im2col matmuls or per-example
   convolutions (above ``PATCHES_MAX``), the layer is exact."""
   if not patches:
-    monkeypatch.setattr(_layer_grads, "PATCHES_MAX", 0)
+    monkeypatch.setattr(layers, "PATCHES_MAX", 0)
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (8, 7, 9, 3), jnp.float64)
     w = jax.random.normal(jax.random.key(1), (3, 2, 3, 4), jnp.float64)

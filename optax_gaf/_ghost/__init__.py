@@ -1,0 +1,24 @@
+"""Ghost microgradients: GAF's Gram matrix and weighted sum from layers.
+
+- ``trace.py``: the only reader of jaxpr equations; finds the layer that
+  reads each parameter, and re-runs the loss capturing its inputs and output
+  gradients.
+- ``layers.py``: one class per layer kind (dense, convolution, embedding,
+  opaque), its Gram matrix and weighted sum from those captures.
+- ``producer.py``: :class:`GhostMicrogradients` (a placement for ``gaf``)
+  and :func:`ghost_microgradients`.
+- ``filtered.py``: :func:`ghost_filtered_grads`, the filter inside the
+  gradient function.
+"""
+
+from optax_gaf._ghost.filtered import ghost_filtered_grads
+from optax_gaf._ghost.producer import GhostMicrogradients
+from optax_gaf._ghost.producer import NotArraysError
+from optax_gaf._ghost.producer import ghost_microgradients
+
+__all__ = (
+  "GhostMicrogradients",
+  "NotArraysError",
+  "ghost_filtered_grads",
+  "ghost_microgradients",
+)
