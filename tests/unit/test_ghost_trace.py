@@ -1,0 +1,193 @@
+"""``optax_gaf._ghost.trace``: which layer reads each parameter leaf.
+
+Site finding through nested ``jit`` calls and structural chains, tied and
+non-linear reads (direct), unused leaves, leaves returned as outputs, and
+the re-run that captures each layer's inputs and output gradients.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_gaf._ghost import layers
+from optax_gaf._ghost import trace
+
+X = jnp.ones((6, 5))
+
+
+def plan_of(loss, params, x=X):
+  return trace.find_sites(loss, params, x)
+
+
+def layer_kinds(plan):
+  return {s.leaf: type(s.layer) for s in plan.sites}
+
+
+def test_leaves_sorted_into_sites_direct_and_unused():
+  params = {"b": jnp.zeros(3), "unused": jnp.zeros(2), "w": jnp.ones((5, 3))}
+
+  def loss(p, x):  # leaves in order: b, unused, w
+    return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
+
+  plan = plan_of(loss, params)
+  assert plan.n_leaves == 3
+  assert layer_kinds(plan) == {2: layers.Dense}
+  assert plan.direct == (0,) and plan.unused == (1,)
+  (site,) = plan.sites
+  assert site.param_pos == 1 and site.path == (0,)
+
+
+def test_parameter_on_either_side_of_a_matmul():
+  params = {"left": jnp.ones((3, 6)), "right": jnp.ones((5, 3))}
+
+  def loss(p, x):
+    return jnp.sum(p["left"] @ (x @ p["right"]))
+
+  plan = plan_of(loss, params)
+  assert layer_kinds(plan) == {0: layers.Dense, 1: layers.Dense}
+  assert [s.param_pos for s in plan.sites] == [0, 1]
+
+
+def test_nested_jit_calls_are_followed():
+  @jax.jit
+  def block(w, x):
+    return jax.jit(lambda w, x: jnp.tanh(x @ w))(w, x)
+
+  plan = plan_of(lambda w, x: jnp.sum(block(w, x)), jnp.ones((5, 3)))
+  (site,) = plan.sites
+  assert type(site.layer) is layers.Dense
+  assert len(site.path) == 3  # two calls, then the dot_general
+
+
+def test_a_leaf_passed_out_of_a_jit_call_is_followed():
+  @jax.jit
+  def passthrough(w):
+    return w.T
+
+  plan = plan_of(lambda w, x: jnp.sum(x @ passthrough(w).T), jnp.ones((5, 3)))
+  assert layer_kinds(plan) == {0: layers.Dense}
+
+
+def test_tied_and_nonlinear_reads_are_direct():
+  params = {"tied": jnp.ones((5, 5)), "scale": jnp.ones(5)}
+
+  def loss(p, x):
+    h = x @ p["tied"] @ p["tied"].T  # read by two layers
+    return jnp.sum(h * jnp.exp(p["scale"]) + p["scale"] @ p["tied"])
+
+  plan = plan_of(loss, params)
+  assert plan.sites == () and plan.direct == (0, 1)
+
+
+def test_structural_chain_is_replayed_and_mapped_back():
+  """Reshapes, transposes and casts keep a site; its chain maps a gradient
+  of the layer's operand back to the leaf."""
+  w = jnp.arange(15.0).reshape(3, 5)
+
+  def loss(w, x):
+    v = w.reshape(-1).reshape(5, 3).astype(jnp.float16).T.T
+    return jnp.sum(x.astype(jnp.float16) @ v)
+
+  (site,) = plan_of(loss, w).sites
+  assert type(site.layer) is layers.Dense
+  assert site.layer.operand.shape == (5, 3)
+  assert site.layer.operand.dtype == jnp.float16
+  operand = site.operand_of(w)
+  np.testing.assert_array_equal(operand, w.reshape(5, 3).astype(jnp.float16))
+  g = jnp.arange(15.0).reshape(5, 3)
+  back = site.to_leaf(g, jax.ShapeDtypeStruct(w.shape, w.dtype))
+  assert back.dtype == w.dtype
+  np.testing.assert_array_equal(back, g.reshape(3, 5))
+
+
+def test_a_leaf_returned_as_output_is_direct():
+  params = {"w": jnp.ones((5, 3)), "v": jnp.ones((5, 3))}
+
+  def loss(p, x):
+    return jnp.sum(x @ p["w"]), (p["v"], x @ p["v"])
+
+  plan = plan_of(loss, params)
+  assert layer_kinds(plan) == {1: layers.Dense} and plan.direct == (0,)
+  assert plan.out_tree == jax.tree.structure((0, (0, 0)))
+
+
+def test_declined_kinds_are_opaque():
+  """A grouped convolution and a gather of columns: Opaque layers."""
+
+  def loss(p, b):
+    y = jax.lax.conv_general_dilated(
+      b["x"],
+      p["conv"],
+      (1, 1),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=2,
+    )
+    return jnp.sum(y) + jnp.sum(jnp.take(p["cols"], b["ids"], axis=1))
+
+  params = {"conv": jnp.ones((3, 3, 2, 4)), "cols": jnp.ones((3, 4))}
+  batch = {"x": jnp.ones((2, 6, 6, 4)), "ids": jnp.array([1, 3])}
+  plan = plan_of(loss, params, batch)
+  assert layer_kinds(plan) == {0: layers.Opaque, 1: layers.Opaque}
+  assert all(s.layer.costs(4)[0] is None for s in plan.sites)
+
+
+def test_embedding_lookup_is_an_embedding():
+  ids = jnp.array([1, 0, 3])
+  plan = plan_of(lambda t, i: jnp.sum(t[i] ** 2), jnp.ones((4, 2)), ids)
+  (site,) = plan.sites
+  assert type(site.layer) is layers.Embedding
+
+
+def test_run_captures_inputs_and_output_gradients():
+  params = {"b": jnp.full(3, 0.5), "w": jnp.arange(15.0).reshape(5, 3) / 10}
+  x = jnp.arange(30.0).reshape(6, 5) / 30
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(x @ p["w"] + p["b"]))
+
+  plan = plan_of(loss, params, x)
+  flat = [*jax.tree.leaves(params), x]
+  z = jnp.zeros((6, 3))
+
+  def total(z):
+    outs, caps = trace.run(plan, flat, [z])
+    return outs[0], caps
+
+  d, (caps,) = jax.grad(total, has_aux=True)(z)
+  np.testing.assert_array_equal(caps[0], x)
+  np.testing.assert_allclose(d, jnp.cos(x @ params["w"] + params["b"]))
+  outs, _ = trace.run(plan, flat, [z])
+  np.testing.assert_allclose(outs[0], loss(params, x), rtol=1e-6)
+
+
+def test_a_registered_kind_is_one_new_class(monkeypatch):
+  """Registering a class for ``mul`` makes ``w * x`` a site of that class."""
+
+  @dataclasses.dataclass(frozen=True, eq=False)
+  class Scale(layers.Layer):
+    pass
+
+  monkeypatch.setitem(layers._REGISTRY, "mul", (Scale, (0, 1)))
+  w, x = jnp.arange(5.0), jnp.linspace(0.0, 1.0, 5)
+  plan = plan_of(lambda w, x: jnp.sum(jnp.sin(x * w)), w, x)
+  (site,) = plan.sites
+  assert type(site.layer) is Scale
+  d = jnp.cos(x * w)
+  got = site.layer.book_keeping([x[None]], d[None])
+  np.testing.assert_allclose(got, x * d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["reshape", "transpose", "squeeze"])
+def test_structural_ops_are_no_sites(name):
+  w = jnp.ones((1, 5, 3))
+  view = {
+    "reshape": lambda w: w.reshape(5, 3),
+    "transpose": lambda w: w[0].T.T,
+    "squeeze": lambda w: w.squeeze(0),
+  }[name]
+  (site,) = plan_of(lambda w, x: jnp.sum(x @ view(w)), w).sites
+  assert site.layer.operand.shape == (5, 3)
