@@ -340,7 +340,7 @@ def test_ghost_grads_equals_gaf_on_materialized():
   params, batch = mlp_setup(batch=16)
   for rule in ("sequential", "medoid"):
     got_losses, filtered = jax.jit(
-      optax_gaf.ghost_grads(mlp_loss, 8, 0.9, rule=rule)
+      optax_gaf.ghost_filtered_grads(mlp_loss, 8, 0.9, rule=rule)
     )(params, batch)
     want_losses = optax_gaf.microbatch_grads(mlp_loss, 8)(params, batch)[0]
     (want, state), _ = two_gaf_steps(
@@ -359,7 +359,9 @@ def test_ghost_grads_equals_gaf_on_materialized():
       want,
     )
   tx = optax_gaf.process(
-    optax.identity(), optax_gaf.streamed(num_microbatches=8), optax.sgd(0.1)
+    optax.identity(),
+    optax_gaf.record_filtered(num_microbatches=8),
+    optax.sgd(0.1),
   )
   _, state = tx.update(filtered, tx.init(params), params)
   np.testing.assert_array_equal(
