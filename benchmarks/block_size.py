@@ -1,6 +1,6 @@
 """Times the filter alone on the vmap path for several block sizes.
 
-``_blockwise.filter_blocks`` walks the N microgradients in blocks: one
+``_running.filter_blocks`` walks the N microgradients in blocks: one
 B x B Gram matrix per block, B dot products with the carried aggregate, one
 fold. B = 1 is a pure stream, B >= N the full Gram matrix. The gradients are
 the small CNN's parameters (25.6k) stacked N times; ``mean`` is the plain
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from benchmarks import _common
-from optax_gaf import _blockwise
+from optax_gaf import _running
 
 
 def main():
@@ -30,8 +30,8 @@ def main():
     fns = {}
     for b in (1, 4, 16, 64):
       f = jax.jit(
-        lambda g, b=b: _blockwise.finish(
-          _blockwise.filter_blocks(jax.tree.leaves(g), 0.97, 1.0, b),
+        lambda g, b=b: _running.finish(
+          _running.filter_blocks(jax.tree.leaves(g), 0.97, 1.0, b),
           1.0,
           [x.dtype for x in jax.tree.leaves(g)],
         )

@@ -30,8 +30,10 @@ MICROBATCH = 8
 
 def make_step(n, streaming, rule):
   if streaming:
-    grad_fn = optax_gaf.streaming_grads(_common.xent, n, TAU, rule=rule)
-    aggregator = optax_gaf.streamed(num_microbatches=n)
+    grad_fn = optax_gaf.streaming_filtered_grads(
+      _common.xent, n, TAU, rule=rule
+    )
+    aggregator = optax_gaf.record_filtered(num_microbatches=n)
   else:
     grad_fn = optax_gaf.microbatch_grads(_common.xent, n)
     aggregator = optax_gaf.gaf(TAU, rule=rule, num_microbatches=n)

@@ -184,7 +184,9 @@ def _grad_and_aggregator(route, loss, n):
   if route == "materialized":
     return optax_gaf.microbatch_grads(loss, n), optax_gaf.gaf(TAU)
   if route == "streaming":
-    return optax_gaf.streaming_grads(loss, n, TAU), optax_gaf.streamed()
+    return optax_gaf.streaming_filtered_grads(
+      loss, n, TAU
+    ), optax_gaf.record_filtered()
   return optax_gaf.ghost_microgradients(loss, n), optax_gaf.gaf(TAU)
 
 

@@ -14,21 +14,20 @@ from optax_gaf._adacons import AdaConsState
 from optax_gaf._adacons import adacons
 from optax_gaf._and_mask import AndMaskState
 from optax_gaf._and_mask import and_mask
-from optax_gaf._gaf import GAFState
 from optax_gaf._gaf import gaf
-from optax_gaf._gaf import ghost_grads
-from optax_gaf._gaf import streamed
 from optax_gaf._ghost import GhostMicrogradients
-from optax_gaf._ghost import ghost_filtered_grads as ghost_filtered_grads
+from optax_gaf._ghost import ghost_filtered_grads
 from optax_gaf._ghost import ghost_microgradients
 from optax_gaf._microbatching import microbatch_grads
 from optax_gaf._microbatching import split_microbatches
 from optax_gaf._per_microgradient import per_microgradient
 from optax_gaf._process import process
+from optax_gaf._state import GAFState
 from optax_gaf._stats import stats
 from optax_gaf._streaming import FilteredGradients
 from optax_gaf._streaming import gaf_accumulator
-from optax_gaf._streaming import streaming_grads
+from optax_gaf._streaming import record_filtered
+from optax_gaf._streaming import streaming_filtered_grads
 from optax_gaf._threshold import AdaptiveTau
 from optax_gaf._threshold import AutoTau
 from optax_gaf.rules import RuleOutput
@@ -48,38 +47,43 @@ __all__ = (
   "and_mask",
   "gaf",
   "gaf_accumulator",
-  "ghost_grads",
+  "ghost_filtered_grads",
   "ghost_microgradients",
   "microbatch_grads",
   "per_microgradient",
   "placement",
   "process",
+  "record_filtered",
   "rules",
   "split_microbatches",
   "stats",
-  "streamed",
-  "streaming_grads",
+  "streaming_filtered_grads",
 )
 
 
 # Renamed public names: the old ones still work, with a DeprecationWarning.
 _DEPRECATED = {
-  "Placement": (placement, "Placement", "optax_gaf.placement.Placement"),
+  "Placement": (placement.Placement, "optax_gaf.placement.Placement"),
   "resolve_placement": (
-    placement,
-    "resolve_placement",
+    placement.resolve_placement,
     "optax_gaf.placement.resolve_placement",
   ),
+  "streamed": (record_filtered, "optax_gaf.record_filtered"),
+  "streaming_grads": (
+    streaming_filtered_grads,
+    "optax_gaf.streaming_filtered_grads",
+  ),
+  "ghost_grads": (ghost_filtered_grads, "optax_gaf.ghost_filtered_grads"),
 }
 
 
 def __getattr__(name):
   if name in _DEPRECATED:
-    module, attr, new = _DEPRECATED[name]
+    value, new = _DEPRECATED[name]
     warnings.warn(
       f"optax_gaf.{name} is deprecated; use {new}.",
       DeprecationWarning,
       stacklevel=2,
     )
-    return getattr(module, attr)
+    return value
   raise AttributeError(f"module 'optax_gaf' has no attribute {name!r}")

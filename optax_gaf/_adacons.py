@@ -16,7 +16,6 @@ available to us, so ``rescale=True`` gives the direction the plain mean's
 length, and ``rescale=False`` returns the sample's output.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -182,13 +181,25 @@ def adacons(
   )
   if num_microbatches is not None:
     num_microbatches = _checks.num_microbatches(num_microbatches)
-  return aggregating.Aggregator(
-      functools.partial(_init, num_microbatches),
-      functools.partial(
-          _update, num_microbatches, momentum, use_momentum, rescale,
-          axis_name, collective,
-      ),
-  )  # fmt: skip
+
+  def init_fn(params):
+    return _init(num_microbatches, params)
+
+  def update_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    return _update(
+      grads,
+      state,
+      params,
+      num_microbatches=num_microbatches,
+      momentum=momentum,
+      use_momentum=use_momentum,
+      rescale=rescale,
+      axis_name=axis_name,
+      collective=collective,
+    )
+
+  return aggregating.Aggregator(init_fn, update_fn)
 
 
 def _init(num_microbatches, params):
@@ -202,10 +213,17 @@ def _init(num_microbatches, params):
 
 
 def _update(
-    num_microbatches, momentum, use_momentum, rescale, axis_name, collective,
-    grads, state, params=None, **extra_args,
-):  # fmt: skip
-  del extra_args
+  grads,
+  state,
+  params,
+  *,
+  num_microbatches,
+  momentum,
+  use_momentum,
+  rescale,
+  axis_name,
+  collective,
+):
   _checks.microgradients(grads, params)
   leaves, treedef = jax.tree.flatten(grads)
   placement = _placement.resolve_placement(leaves, axis_name, collective)

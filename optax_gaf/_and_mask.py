@@ -6,7 +6,6 @@ mean of the signs and the mean of the microgradients are both weighted sums,
 so ``placement.combine`` computes them on one device or across devices alike.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -114,13 +113,22 @@ def and_mask(
   )
   _placement.check_placement(axis_name, collective)
 
-  return aggregating.Aggregator(
-      functools.partial(_init, agreement_threshold),
-      functools.partial(
-          _update, agreement_threshold, scale_grad_inverse_sparsity,
-          axis_name, collective,
-      ),
-  )  # fmt: skip
+  def init_fn(params):
+    return _init(agreement_threshold, params)
+
+  def update_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    return _update(
+      grads,
+      state,
+      params,
+      agreement_threshold=agreement_threshold,
+      rescale=scale_grad_inverse_sparsity,
+      axis_name=axis_name,
+      collective=collective,
+    )
+
+  return aggregating.Aggregator(init_fn, update_fn)
 
 
 def _init(agreement_threshold, params):
@@ -135,10 +143,8 @@ def _init(agreement_threshold, params):
 
 
 def _update(
-    agreement_threshold, scale_grad_inverse_sparsity, axis_name, collective,
-    grads, state, params=None, **extra_args,
-):  # fmt: skip
-  del extra_args
+  grads, state, params, *, agreement_threshold, rescale, axis_name, collective
+):
   _checks.microgradients(grads, params)
   leaves, treedef = jax.tree.flatten(grads)
   kept = state.leaf_mask_fraction
@@ -152,9 +158,7 @@ def _update(
   placement = _placement.resolve_placement(leaves, axis_name, collective)
   gram, usable, _ = _gram.safe_gram(placement)
   threshold = _threshold_at(agreement_threshold, state.count)
-  out, fractions = _masked_mean(
-    placement, usable, threshold, scale_grad_inverse_sparsity
-  )
+  out, fractions = _masked_mean(placement, usable, threshold, rescale)
   sizes = np.array([np.prod(x.shape[1:]) for x in leaves], np.float64)
   ready = jnp.any(usable) & jnp.any(fractions > 0)
   new_state = AndMaskState(

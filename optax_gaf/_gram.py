@@ -33,8 +33,8 @@ SCALE_FLOOR = 1e-12
 
 def stat_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
   """float64 if any leaf is float64 (under ``jax_enable_x64``), else float32."""
-  wide = any(jnp.dtype(getattr(x, "dtype", None) or jnp.result_type(x))
-             == jnp.float64 for x in leaves)  # fmt: skip
+  dtypes = [getattr(x, "dtype", None) or jnp.result_type(x) for x in leaves]
+  wide = any(jnp.dtype(d) == jnp.float64 for d in dtypes)
   return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 

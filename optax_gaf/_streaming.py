@@ -3,13 +3,13 @@
 With ``vmap`` all N microgradients sit in memory together. Here they are
 computed one at a time and folded into the running aggregate of the
 running-aggregate rules (``sequential``, ``pairwise``) with the block route's
-kernel, :func:`optax_gaf._blockwise.absorb`, in blocks of one. The carry holds
+kernel, :func:`optax_gaf._running.absorb`, in blocks of one. The carry holds
 the running aggregate and the running sum (two float32 copies of the
 parameters) and a few ``[N]`` vectors.
 
 Both entry points return :class:`FilteredGradients`, which
-:func:`optax_gaf.streamed` records into a ``GAFState`` (and whose ``ready``
-lets ``aggregating.process`` skip the optimizer).
+:func:`optax_gaf.record_filtered` records into a ``GAFState`` (whose
+``ready`` lets ``aggregating.process`` skip the optimizer).
 """
 
 from collections.abc import Callable
@@ -19,11 +19,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from optax.experimental import aggregating
 
-from optax_gaf import _blockwise
 from optax_gaf import _checks
 from optax_gaf import _gram
 from optax_gaf import _microbatching
+from optax_gaf import _running
+from optax_gaf import _state
 from optax_gaf import _threshold
 from optax_gaf import rules
 
@@ -56,18 +58,10 @@ class FilteredGradients(NamedTuple):
   num_microgradients: jax.Array | None = None
 
 
-def running_shrink(rule: Any) -> float | None:
-  """The shrink factor of a running-aggregate rule (name or function)."""
-  fn = rules.BY_NAME.get(rule) if isinstance(rule, str) else rule
-  try:
-    return rules.RUNNING.get(fn)
-  except TypeError:  # an unhashable callable is no built-in rule
-    return None
-
-
 def _check_stream_args(tau, rule) -> float:
   _threshold.check_tau(tau, allow_schedule=False)
-  shrink = running_shrink(rule)
+  fn = rules.BY_NAME.get(rule) if isinstance(rule, str) else rule
+  shrink = _running.shrink_of(fn)
   if shrink is None:
     raise ValueError(
       "Streaming GAF supports the running-aggregate rules 'sequential' and"
@@ -77,7 +71,15 @@ def _check_stream_args(tau, rule) -> float:
   return shrink
 
 
-def _filtered(updates, out, tau, diversity) -> FilteredGradients:
+def filtered_gradients(updates, out, tau, diversity) -> FilteredGradients:
+  """:class:`FilteredGradients` from an update tree and a step's decisions.
+
+  Args:
+    updates: the filtered update, shaped like the params.
+    out: the step's :class:`~optax_gaf.rules.RuleOutput`.
+    tau: the threshold used (a scalar).
+    diversity: the step's gradient diversity.
+  """
   return FilteredGradients(
     updates=updates,
     ready=out.ready,
@@ -97,7 +99,8 @@ def gaf_accumulator(
 ) -> optax.microbatching.Accumulator:
   """GAF as an :class:`optax.microbatching.Accumulator`, one at a time.
 
-  Feed the result to :func:`optax_gaf.streamed` (see there for the pattern).
+  Feed the result to :func:`optax_gaf.record_filtered` (see there for the
+  pattern).
 
   Args:
     tau: the cosine distance threshold in ``[0, 2]``, a scalar (evaluate a
@@ -135,7 +138,7 @@ def gaf_accumulator(
     leaves, meta["treedef"] = jax.tree.flatten(value)
     meta["dtypes"] = [x.dtype for x in leaves]
     dtype = _gram.stat_dtype(leaves)
-    carry = _blockwise.init_carry([x.shape for x in leaves], n, dtype)
+    carry = _running.init_carry([x.shape for x in leaves], n, dtype)
     return carry, jnp.zeros([], jnp.int32)
 
   def update(state, value, index):
@@ -146,47 +149,30 @@ def gaf_accumulator(
 
   def finalize(state):
     carry, fed = state
-    updates, out, diversity = _finish(carry, shrink, meta["dtypes"])
+    updates, out, diversity = _running.finish_guarded(
+      carry, shrink, meta["dtypes"]
+    )
     # Slots never fed (num_real_microbatches < N) were not compared.
     fed_mask = jnp.arange(n) < fed
     out = out._replace(
       cosine_distance=jnp.where(fed_mask, out.cosine_distance, jnp.nan)
     )
     updates = meta["treedef"].unflatten(updates)
-    filtered = _filtered(updates, out, tau, diversity)
+    filtered = filtered_gradients(updates, out, tau, diversity)
     return filtered._replace(num_microgradients=jnp.minimum(fed, n))
 
   def aggregate(values):
     _refuse_filtered(values)
     leaves, treedef = jax.tree.flatten(values)
-    carry = _blockwise.filter_blocks(leaves, tau, shrink)
+    carry = _running.filter_blocks(leaves, tau, shrink)
     dtypes = [x.dtype for x in leaves]
-    updates, out, diversity = _finish(carry, shrink, dtypes)
-    filtered = _filtered(treedef.unflatten(updates), out, tau, diversity)
+    updates, out, diversity = _running.finish_guarded(carry, shrink, dtypes)
+    filtered = filtered_gradients(
+      treedef.unflatten(updates), out, tau, diversity
+    )
     return filtered._replace(num_microgradients=jnp.int32(leaves[0].shape[0]))
 
   return optax.microbatching.Accumulator(init, update, finalize, aggregate)
-
-
-def _finish(carry, shrink, dtypes):
-  """:func:`_blockwise.finish`, a no-agreement step where sums may overflow.
-
-  Nothing here rescales: the running sums of N microgradients reach ``N^2``
-  times their squared norms, so these must stay below
-  :func:`optax_gaf._gram.sum_limit` (float32: norms below about
-  ``1.3e19 / N``). Beyond it later distances would read as 1: the step is
-  refused.
-  """
-  updates, out, diversity = _blockwise.finish(carry, shrink, dtypes)
-  sq = jnp.where(jnp.isfinite(carry.sq_norms), carry.sq_norms, 0.0)
-  ok = jnp.max(sq) <= _gram.sum_limit(sq.dtype, sq.shape[-1])
-  out = out._replace(
-    weights=jnp.where(ok, out.weights, 0.0),
-    ready=out.ready & ok,
-    accepted=jnp.where(ok, out.accepted, out.accepted & ~carry.agreed),
-  )
-  updates = [jnp.where(ok, u, jnp.zeros((), u.dtype)) for u in updates]
-  return updates, out, diversity
 
 
 def _absorb_one(state, value, index, n, tau, shrink, guard=True):
@@ -198,8 +184,8 @@ def _absorb_one(state, value, index, n, tau, shrink, guard=True):
   carry, fed = state
   block = [x[None] for x in jax.tree.leaves(value)]
   if not guard:
-    return _blockwise.absorb(carry, block, index, tau, shrink), fed + 1
-  new = _blockwise.absorb(carry, block, jnp.minimum(index, n - 1), tau, shrink)
+    return _running.absorb(carry, block, index, tau, shrink), fed + 1
+  new = _running.absorb(carry, block, jnp.minimum(index, n - 1), tau, shrink)
   carry = jax.tree.map(lambda a, b: jnp.where(index < n, a, b), new, carry)
   return carry, fed + 1
 
@@ -212,7 +198,7 @@ def _refuse_filtered(value) -> None:
       " the chunks' results would be filtered again, bookkeeping included."
       " Use optax.microbatching.microbatch(jax.grad(loss), ...,"
       " microbatch_size=1, accumulator=gaf_accumulator(...)) for one"
-      " microgradient per microbatch, optax_gaf.streaming_grads, or"
+      " microgradient per microbatch, optax_gaf.streaming_filtered_grads, or"
       " optax_gaf.microbatch_grads with gaf()."
     )
 
@@ -239,7 +225,7 @@ def _raise_if(pred, fn, *args) -> None:
   )
 
 
-def streaming_grads(
+def streaming_filtered_grads(
   loss_fn: Callable[..., Any],
   num_microbatches: int,
   tau: float | jax.Array,
@@ -264,16 +250,16 @@ def streaming_grads(
   Returns:
     ``fn(params, batch, *args) -> (losses, filtered)``: ``losses`` is ``[N]``
     (or ``([N], aux with a leading N axis)``); ``filtered`` is
-    :class:`FilteredGradients`, for :func:`optax_gaf.streamed`.
+    :class:`FilteredGradients`, for :func:`optax_gaf.record_filtered`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_gaf
     >>> from optax.experimental import aggregating
     >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
     >>> batch = {"x": jnp.eye(4, 3), "y": jnp.array([1.0, 1.0, -1.0, 0.0])}
-    >>> grad_fn = optax_gaf.streaming_grads(loss, 4, tau=0.9)
+    >>> grad_fn = optax_gaf.streaming_filtered_grads(loss, 4, tau=0.9)
     >>> tx = aggregating.process(
-    ...     optax.identity(), optax_gaf.streamed(num_microbatches=4),
+    ...     optax.identity(), optax_gaf.record_filtered(num_microbatches=4),
     ...     optax.sgd(0.1, momentum=0.9))  # skipped on no-agreement steps
     >>> params = jnp.zeros(3)
     >>> state = tx.init(params)
@@ -312,3 +298,71 @@ def streaming_grads(
     return losses, acc.finalize(acc_carry)
 
   return fn
+
+
+def record_filtered(
+  num_microbatches: int | None = None,
+) -> aggregating.Aggregator:
+  """Records :class:`FilteredGradients` in a :class:`GAFState`.
+
+  :func:`streaming_filtered_grads`, :func:`gaf_accumulator` and
+  :func:`ghost_filtered_grads` filter one microgradient
+  at a time; this aggregator passes their update on and keeps the same state
+  and diagnostics as :func:`gaf`, so ``aggregating.process`` can skip the
+  optimizer on a no-agreement step.
+
+  Args:
+    num_microbatches: N. When given, the state records ``accepted`` and
+      ``cosine_distance`` ``[N]``; when None they are None.
+
+  Returns:
+    An :class:`optax.experimental.aggregating.Aggregator` whose ``update``
+    takes :class:`FilteredGradients`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_gaf
+    >>> from optax.experimental import aggregating
+    >>> loss = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
+    >>> grad_fn = optax_gaf.streaming_filtered_grads(loss, 2, tau=0.5)
+    >>> tx = aggregating.process(optax.identity(),
+    ...                          optax_gaf.record_filtered(num_microbatches=2),
+    ...                          optax.sgd(0.1))
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> _, filtered = grad_fn(params, jnp.array([[1.0, 0.0], [1.0, 0.1]]))
+    >>> updates, state = tx.update(filtered, state, params)
+    >>> optax_gaf.stats(state)["accepted"]
+    Array([ True,  True], dtype=bool)
+  """
+  n = None
+  if num_microbatches is not None:
+    n = _checks.num_microbatches(num_microbatches)
+
+  def init_fn(params):
+    del params
+    return _state.init_state(jnp.nan, n)
+
+  def update_fn(filtered, state, params=None, **extra_args):
+    del params, extra_args
+    if not isinstance(filtered, FilteredGradients):
+      raise TypeError(
+        "record_filtered() records the FilteredGradients of"
+        " streaming_filtered_grads, ghost_filtered_grads or gaf_accumulator;"
+        f" got {type(filtered).__name__}. For stacked"
+        " microgradients [N, ...] use gaf()."
+      )
+    if n is not None and filtered.accepted.shape[-1] != n:
+      raise ValueError(
+        f"record_filtered(num_microbatches={n}) got FilteredGradients of"
+        f" {filtered.accepted.shape[-1]} microgradients."
+      )
+    state = _state.record(
+      state, filtered, filtered.tau, filtered.gradient_diversity
+    )
+    if filtered.num_microgradients is not None:  # fewer fed than N
+      fed = jnp.maximum(filtered.num_microgradients, 1)
+      rate = (state.num_accepted / fed).astype(jnp.float32)
+      state = state._replace(acceptance_rate=rate)
+    return filtered.updates, state
+
+  return aggregating.Aggregator(init_fn, update_fn)

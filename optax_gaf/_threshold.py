@@ -1,8 +1,17 @@
-"""The threshold tau: range checks, schedules, :class:`AutoTau` and
-:class:`AdaptiveTau`."""
+"""The threshold tau as one stateful policy, in the manner of Optax's
+``StatefulSchedule``: ``init``, ``__call__`` (this step's tau) and ``update``
+(record the step's cosine distances).
 
+Its kinds, dispatched once by :func:`threshold_policy`: a number or a
+schedule of the step count, :class:`AutoTau` (from chance agreement) and
+:class:`AdaptiveTau` (from recent distances). Their state lives in
+``GAFState`` (``tau_history``, ``chance_stats``), None where unused.
+"""
+
+import warnings
 from typing import Any
 from typing import NamedTuple
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -88,9 +97,10 @@ def check_tau(tau: Any, allow_schedule: bool = True) -> None:
   """Raises on a tau outside ``[0, 2]``; traced values pass through.
 
   Args:
-    tau: a scalar, an :class:`AutoTau` or (with ``allow_schedule``) a
-      schedule of the step count, checked at step 0.
-    allow_schedule: whether a callable or an :class:`AutoTau` is allowed.
+    tau: a scalar or (with ``allow_schedule``) a schedule of the step
+      count, checked at step 0, an :class:`AutoTau` or an
+      :class:`AdaptiveTau`.
+    allow_schedule: whether a schedule or a stateful policy is allowed.
   """
   if isinstance(tau, AutoTau):
     if not allow_schedule:
@@ -99,6 +109,13 @@ def check_tau(tau: Any, allow_schedule: bool = True) -> None:
         " here, e.g. the tau optax_gaf.stats reports for a gaf(AutoTau()) run."
       )
     return check_auto_tau(tau)
+  if isinstance(tau, AdaptiveTau):
+    if not allow_schedule:
+      raise TypeError(
+        "AdaptiveTau needs the distances kept in gaf()'s state; pass a"
+        " number here."
+      )
+    return check_adaptive_tau(tau)
   if callable(tau):
     if not allow_schedule:
       raise TypeError(
@@ -128,6 +145,8 @@ def tau_at(
   """The threshold at step ``count``, in ``dtype`` (the statistics' dtype)."""
   if isinstance(tau, AutoTau):
     return jnp.asarray(tau.warmup_tau, dtype)
+  if isinstance(tau, AdaptiveTau):
+    tau = tau.cap
   return jnp.asarray(tau(count) if callable(tau) else tau, dtype)
 
 
@@ -166,7 +185,10 @@ def record_chance(
 
 
 class AdaptiveTau(NamedTuple):
-  """An adaptive threshold ``tau_t = min(tau, mean + k * std)`` for ``gaf``.
+  """An adaptive threshold ``tau_t = min(cap, mean + k * std)`` for ``gaf``.
+
+  Pass it as ``gaf(tau=AdaptiveTau(...))``. (``gaf(cap,
+  adaptive_tau=AdaptiveTau(...))`` still works but is deprecated.)
 
   The mean and (population) standard deviation are those of the last
   ``history`` recorded cosine distances; the idea is credited to the authors'
@@ -182,11 +204,21 @@ class AdaptiveTau(NamedTuple):
     k: how many standard deviations above the mean.
     history: M, the number of most recent distances kept.
     min_count: distances needed before the threshold adapts (>= 2).
+    cap: the largest threshold, and the threshold until ``min_count``: a
+      number in ``[0, 2]`` or a schedule of the step count.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_gaf
+    >>> tx = optax_gaf.gaf(optax_gaf.AdaptiveTau(k=1.0, cap=0.9))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> float(state.tau)
+    0.8999999761581421
   """
 
   k: float = 1.0
   history: int = 256
   min_count: int = 2
+  cap: Any = 0.97
 
 
 def check_adaptive_tau(adaptive_tau: Any) -> None:
@@ -210,6 +242,9 @@ def check_adaptive_tau(adaptive_tau: Any) -> None:
     )
   if not np.isfinite(adaptive_tau.k):
     raise ValueError(f"AdaptiveTau.k must be finite; got {adaptive_tau.k}.")
+  if isinstance(adaptive_tau.cap, AutoTau | AdaptiveTau):
+    raise TypeError("AdaptiveTau.cap must be a number or a schedule.")
+  check_tau(adaptive_tau.cap)
 
 
 def adaptive_threshold(history, tau, k, min_count):
@@ -241,3 +276,117 @@ def record_distances(history, distances):
   # the recorded ones in arrival order.
   order = jnp.argsort(jnp.isfinite(both), stable=True)
   return both[order][-history.shape[0] :]
+
+
+# What gaf(tau=...) takes.
+TauLike = optax.ScalarOrSchedule | AutoTau | AdaptiveTau
+
+
+class ThresholdState(NamedTuple):
+  """A threshold policy's state: ``GAFState``'s fields of the same names.
+
+  Attributes:
+    tau_history: :class:`AdaptiveTau`'s ``[M]`` recent distances, or None.
+    chance_stats: :class:`AutoTau`'s ``[3]`` (``[L, 3]``) sums, or None.
+  """
+
+  tau_history: jax.Array | None = None
+  chance_stats: jax.Array | None = None
+
+
+class Threshold(Protocol):
+  """A threshold policy (see the module docstring)."""
+
+  def init(self, n_leaves: int) -> ThresholdState:
+    """The state before step 1 (``n_leaves`` > 0: one threshold per leaf)."""
+
+  def __call__(self, count, state: ThresholdState, dtype) -> jax.Array:
+    """The threshold at step ``count``, in ``dtype``; ``[L]`` per leaf."""
+
+  def update(self, state: ThresholdState, distances) -> ThresholdState:
+    """The state after a step whose rule gave ``distances`` ``[..., N]``."""
+
+
+class _Fixed(NamedTuple):
+  """A number, or a schedule of the step count: no state."""
+
+  tau: optax.ScalarOrSchedule
+
+  def init(self, n_leaves):
+    del n_leaves
+    return ThresholdState()
+
+  def __call__(self, count, state, dtype=jnp.float32):
+    del state
+    return tau_at(self.tau, count, dtype)
+
+  def update(self, state, distances):
+    del distances
+    return state
+
+
+class _Auto(NamedTuple):
+  """:class:`AutoTau`: ``chance_stats`` (``[L, 3]`` per leaf)."""
+
+  auto: AutoTau
+
+  def init(self, n_leaves):
+    shape = (n_leaves,) if n_leaves else ()
+    return ThresholdState(chance_stats=init_chance_stats(shape))
+
+  def __call__(self, count, state, dtype=jnp.float32):
+    del count
+    return auto_threshold(state.chance_stats, self.auto, dtype)
+
+  def update(self, state, distances):
+    stats = record_chance(state.chance_stats, distances, self.auto.decay)
+    return state._replace(chance_stats=stats)
+
+
+class _Adaptive(NamedTuple):
+  """:class:`AdaptiveTau`: ``tau_history`` ``[M]``."""
+
+  adaptive: AdaptiveTau
+
+  def init(self, n_leaves):
+    del n_leaves
+    history = jnp.full([self.adaptive.history], jnp.nan, jnp.float32)
+    return ThresholdState(tau_history=history)
+
+  def __call__(self, count, state, dtype=jnp.float32):
+    k, _, min_count, cap = self.adaptive
+    tau = tau_at(cap, count, dtype)
+    return adaptive_threshold(state.tau_history, tau, k, min_count)
+
+  def update(self, state, distances):
+    history = record_distances(state.tau_history, distances)
+    return state._replace(tau_history=history)
+
+
+def threshold_policy(tau: Any, adaptive_tau: Any = None) -> Threshold:
+  """``gaf``'s ``tau`` (and deprecated ``adaptive_tau``) as one policy.
+
+  Raises:
+    ValueError, TypeError: on a tau out of range or a bad combination.
+  """
+  check_tau(tau)
+  if adaptive_tau is not None:
+    check_adaptive_tau(adaptive_tau)
+    if isinstance(tau, AutoTau | AdaptiveTau):
+      raise ValueError(
+        f"tau={type(tau).__name__}() already adapts the threshold; drop"
+        " adaptive_tau, or give a number as tau to cap AdaptiveTau's"
+        " threshold."
+      )
+    warnings.warn(
+      "gaf(tau, adaptive_tau=AdaptiveTau(...)) is deprecated; pass"
+      " gaf(tau=AdaptiveTau(..., cap=tau)).",
+      DeprecationWarning,
+      stacklevel=3,
+    )
+    tau = adaptive_tau._replace(cap=tau)
+  if isinstance(tau, AutoTau):
+    return _Auto(tau)
+  if isinstance(tau, AdaptiveTau):
+    return _Adaptive(tau)
+  return _Fixed(tau)

@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import optax_gaf
-from optax_gaf import _blockwise
 from optax_gaf import _combine
 from optax_gaf import _gram
+from optax_gaf import _running
 from optax_gaf import rules
 from tests import helpers
 from tests import oracle
@@ -35,9 +35,9 @@ def gram_route(leaves, tau, rule):
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def block_route(leaves, tau, shrink, block_size=_blockwise.BLOCK_SIZE):
-  carry = _blockwise.filter_blocks(leaves, tau, shrink, block_size)
-  return _blockwise.finish(carry, shrink, [x.dtype for x in leaves])
+def block_route(leaves, tau, shrink, block_size=_running.BLOCK_SIZE):
+  carry = _running.filter_blocks(leaves, tau, shrink, block_size)
+  return _running.finish(carry, shrink, [x.dtype for x in leaves])
 
 
 def _two_leaves(flat):
@@ -102,7 +102,7 @@ def test_gaf_takes_block_route_with_same_state(rule):
   """gaf() on one device, N > BLOCK_SIZE: the block route's result, bitwise,
   and the float64 oracle's decisions, update and statistics."""
   n = 40  # 2 blocks of 16 and a remainder of 8
-  assert n > _blockwise.BLOCK_SIZE
+  assert n > _running.BLOCK_SIZE
   rng = np.random.default_rng(0)
   leaves = _two_leaves(rng.normal(size=(n, 7)) + rng.normal(size=(1, 7)))
   tau = 0.6
@@ -135,18 +135,18 @@ def test_block_route_keeps_low_precision_dtype():
 
 def test_block_size_must_be_positive():
   with pytest.raises(ValueError, match="block_size must be positive"):
-    _blockwise.filter_blocks([jnp.ones((3, 2))], 0.5, 1.0, block_size=0)
+    _running.filter_blocks([jnp.ones((3, 2))], 0.5, 1.0, block_size=0)
 
 
 def test_absorb_in_blocks_of_one_equals_one_block():
   """The streaming kernel: folding one at a time gives the same carry."""
-  absorb = jax.jit(_blockwise.absorb, static_argnums=4)
+  absorb = jax.jit(_running.absorb, static_argnums=4)
   rng = np.random.default_rng(1)
   flat = rng.normal(size=(5, 7)) + 0.3
   leaves = _two_leaves(flat)
   shapes = [x.shape[1:] for x in leaves]
-  one = absorb(_blockwise.init_carry(shapes, 5), leaves, 0, 0.8, 1.0)
-  carry = _blockwise.init_carry(shapes, 5)
+  one = absorb(_running.init_carry(shapes, 5), leaves, 0, 0.8, 1.0)
+  carry = _running.init_carry(shapes, 5)
   for i in range(5):
     carry = absorb(carry, [x[i : i + 1] for x in leaves], i, 0.8, 1.0)
   np.testing.assert_array_equal(carry.taken, one.taken)
@@ -154,7 +154,7 @@ def test_absorb_in_blocks_of_one_equals_one_block():
   np.testing.assert_allclose(carry.weights, one.weights, rtol=1e-6)
   for a, b in zip(carry.aggregate, one.aggregate):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  updates, out, _ = _blockwise.finish(carry, 1.0, [jnp.float32] * 2)
+  updates, out, _ = _running.finish(carry, 1.0, [jnp.float32] * 2)
   assert bool(out.ready)
   want = flat[np.asarray(out.accepted)].mean(0)
   got = np.concatenate([np.ravel(u) for u in updates])
@@ -167,7 +167,7 @@ def test_dot_with_the_aggregate_is_accurate_for_long_vectors():
   rng = np.random.default_rng(helpers.seed_of("long_dot"))
   y = rng.normal(size=2**20).astype(np.float32)
   x = np.stack([y, 2 * y, -y]).astype(np.float32)
-  got = np.asarray(_blockwise._dot_with(jnp.asarray(x), jnp.asarray(y)))
+  got = np.asarray(_running._dot_with(jnp.asarray(x), jnp.asarray(y)))
   want = x.astype(np.float64) @ y.astype(np.float64)
   ulps = np.abs(got - want) / np.abs(want) / np.finfo(np.float32).eps
   assert np.all(ulps < 8), ulps

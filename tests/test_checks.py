@@ -53,7 +53,7 @@ def test_num_microbatches_accepts_numpy_ints():
   [
     lambda n: optax_gaf.gaf(0.9, num_microbatches=n),
     lambda n: optax_gaf.adacons(num_microbatches=n),
-    lambda n: optax_gaf.streamed(num_microbatches=n),
+    lambda n: optax_gaf.record_filtered(num_microbatches=n),
     lambda n: optax_gaf.gaf_accumulator(0.5, num_microbatches=n),
   ],
   ids=["gaf", "adacons", "streamed", "gaf_accumulator"],

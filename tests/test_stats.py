@@ -17,7 +17,9 @@ PARAMS = {"a": jnp.zeros(2)}
 
 
 def _filtered():
-  grad_fn = optax_gaf.streaming_grads(lambda w, b: jnp.sum(w["a"] * b), N, 0.5)
+  grad_fn = optax_gaf.streaming_filtered_grads(
+    lambda w, b: jnp.sum(w["a"] * b), N, 0.5
+  )
   return grad_fn(PARAMS, GRADS["a"])[1]
 
 
@@ -45,7 +47,7 @@ DEFAULTS = {
     ("coefficients", "sorted_momentum"),
   ),
   "streamed": (
-    lambda: optax_gaf.streamed(),
+    lambda: optax_gaf.record_filtered(),
     _filtered,
     (
       "accepted",

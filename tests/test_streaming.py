@@ -39,8 +39,8 @@ def problem(seed, size=N * 2):
 def make_run(streaming, rule, tau, steps=3):
   """Three steps of aggregating.process(gaf or streamed, sgd with momentum)."""
   if streaming:
-    agg = optax_gaf.streamed(num_microbatches=N)
-    grad_fn = optax_gaf.streaming_grads(loss_fn, N, tau, rule=rule)
+    agg = optax_gaf.record_filtered(num_microbatches=N)
+    grad_fn = optax_gaf.streaming_filtered_grads(loss_fn, N, tau, rule=rule)
   else:
     agg = optax_gaf.gaf(tau, rule=rule, num_microbatches=N)
     grad_fn = optax_gaf.microbatch_grads(loss_fn, N)
@@ -126,9 +126,9 @@ def test_accumulator_in_optax_microbatch_equals_gaf():
 def test_non_finite_microgradient_excluded_like_vmap():
   params, batch = problem(1)
   batch["x"] = batch["x"].at[4, 0].set(jnp.nan)  # poisons microbatch 2
-  losses, filtered = jax.jit(optax_gaf.streaming_grads(loss_fn, N, 1.5))(
-    params, batch
-  )
+  losses, filtered = jax.jit(
+    optax_gaf.streaming_filtered_grads(loss_fn, N, 1.5)
+  )(params, batch)
   assert np.isnan(losses[2])
   assert np.isnan(filtered.cosine_distance[2]) and not filtered.accepted[2]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(filtered.updates))
@@ -148,14 +148,16 @@ def test_no_agreement_skips_the_optimizer():
   batch = {"x": jnp.concatenate([jnp.eye(3), -jnp.eye(3)])}  # all disagree
   tx = aggregating.process(
     optax.identity(),
-    optax_gaf.streamed(num_microbatches=N),
+    optax_gaf.record_filtered(num_microbatches=N),
     optax.sgd(0.1, momentum=0.9),
   )
   params = jnp.ones(3)
   state = tx.init(params)
   momentum = optax.tree.get(state, "trace")
   state = state[:2] + (jax.tree.map(lambda t: t + 1.0, state[2]),)
-  _, filtered = jax.jit(optax_gaf.streaming_grads(lin, N, 0.5))(params, batch)
+  _, filtered = jax.jit(optax_gaf.streaming_filtered_grads(lin, N, 0.5))(
+    params, batch
+  )
   updates, new_state = jax.jit(tx.update)(filtered, state, params)
   assert not bool(filtered.ready)
   np.testing.assert_array_equal(updates, jnp.zeros(3))
@@ -164,7 +166,7 @@ def test_no_agreement_skips_the_optimizer():
   )
   assert int(optax_gaf.stats(new_state)["skipped_steps"]) == 1
   # An agreeing step moves the momentum.
-  _, agreeing = optax_gaf.streaming_grads(lin, N, 0.5)(
+  _, agreeing = optax_gaf.streaming_filtered_grads(lin, N, 0.5)(
     params, {"x": jnp.ones((N, 3))}
   )
   _, newer = tx.update(agreeing, new_state, params)
@@ -178,7 +180,7 @@ def test_streaming_memory_does_not_grow_with_n():
 
   def temp(n):
     batch = {"x": jnp.zeros((n * 2, 64)), "y": jnp.zeros(n * 2)}
-    fn = optax_gaf.streaming_grads(loss_fn, n, 0.9)
+    fn = optax_gaf.streaming_filtered_grads(loss_fn, n, 0.9)
     return (
       jax.jit(fn)
       .lower(params, batch)
@@ -199,27 +201,27 @@ def test_rules_that_need_the_gram_matrix_cannot_stream():
     with pytest.raises(ValueError, match="running-aggregate rules"):
       optax_gaf.gaf_accumulator(0.5, rule=rule, num_microbatches=4)
     with pytest.raises(ValueError, match="running-aggregate rules"):
-      optax_gaf.streaming_grads(loss_fn, 4, 0.5, rule=rule)
+      optax_gaf.streaming_filtered_grads(loss_fn, 4, 0.5, rule=rule)
   with pytest.raises(ValueError, match="num_microbatches must be"):
-    optax_gaf.streaming_grads(loss_fn, 1, 0.5)
+    optax_gaf.streaming_filtered_grads(loss_fn, 1, 0.5)
 
 
 def _filtered_shape():
   params, batch = problem(0)
   return params, jax.eval_shape(
-    optax_gaf.streaming_grads(loss_fn, N, 0.9), params, batch
+    optax_gaf.streaming_filtered_grads(loss_fn, N, 0.9), params, batch
   )[1]
 
 
 def test_streamed_refuses_another_n():
   params, filtered = _filtered_shape()
-  tx = optax_gaf.streamed(num_microbatches=N + 1)
+  tx = optax_gaf.record_filtered(num_microbatches=N + 1)
   with pytest.raises(ValueError, match="num_microbatches=7.*6 microgradients"):
     tx.update(filtered, tx.init(params))
 
 
 def test_streamed_refuses_stacked_microgradients():
-  tx = optax_gaf.streamed()
+  tx = optax_gaf.record_filtered()
   with pytest.raises(TypeError, match=r"FilteredGradients.*use gaf\(\)"):
     tx.update(jnp.ones((N, 3)), tx.init(None))
 
@@ -232,7 +234,7 @@ def test_gaf_refuses_filtered_gradients_and_points_to_streamed():
     optax_gaf.gaf(0.9, rule="medoid"),
     optax_gaf.gaf(0.9, adaptive_tau=optax_gaf.AdaptiveTau()),
   ):
-    with pytest.raises(TypeError, match=r"optax_gaf\.streamed\(\)"):
+    with pytest.raises(TypeError, match=r"optax_gaf\.record_filtered\(\)"):
       tx.update(filtered, tx.init(params))
 
 
@@ -264,7 +266,7 @@ def _fed_fn(k, n, rule, real=None):
 
 
 def _record(filtered, n):
-  tx = optax_gaf.streamed(num_microbatches=n)
+  tx = optax_gaf.record_filtered(num_microbatches=n)
   _, state = tx.update(filtered, tx.init(None))
   return state
 
@@ -333,7 +335,7 @@ def test_gaf_accumulator_in_micro_vmap_is_refused_with_what_to_use():
 def test_streaming_grads_takes_numpy_batches():
   """Called outside jit, the loop's traced index met the NumPy arrays."""
   params, batch = problem(3)
-  fn = optax_gaf.streaming_grads(loss_fn, N, 0.9)
+  fn = optax_gaf.streaming_filtered_grads(loss_fn, N, 0.9)
   losses, filtered = fn(params, jax.tree.map(np.asarray, batch))
   want_losses, want = fn(params, batch)
   np.testing.assert_array_equal(losses, want_losses)

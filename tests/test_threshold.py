@@ -21,7 +21,7 @@ BAD_TAUS = [-0.1, -1.0, 2.5, 5.0, float("nan")]
 
 
 def _streaming(tau):
-  return optax_gaf.streaming_grads(lambda w, b: jnp.sum(w * b), 2, tau)
+  return optax_gaf.streaming_filtered_grads(lambda w, b: jnp.sum(w * b), 2, tau)
 
 
 def _accumulator(tau):
@@ -307,3 +307,40 @@ def test_chance_statistics_and_threshold_match_oracle(
     oracle.auto_tau(want, z, min_count, auto.warmup_tau, auto.floor),
     abs=1e-5,
   )
+
+
+def test_adaptive_tau_as_tau_equals_the_deprecated_argument():
+  """tau=AdaptiveTau(cap=...) is the one policy; adaptive_tau= still works,
+  warns, and gives the same thresholds and updates over steps."""
+  cfg = optax_gaf.AdaptiveTau(k=0.5, history=7, min_count=3)
+  new = optax_gaf.gaf(cfg._replace(cap=0.9), num_microbatches=4)
+  with pytest.warns(DeprecationWarning, match="cap=tau"):
+    old = optax_gaf.gaf(0.9, num_microbatches=4, adaptive_tau=cfg)
+  rng = np.random.default_rng(3)
+  params = jnp.zeros(5)
+  s_new, s_old = new.init(params), old.init(params)
+  for _ in range(4):
+    g = jnp.asarray(rng.normal(size=(4, 5)) + 0.5, jnp.float32)
+    u_new, s_new = new.update(g, s_new)
+    u_old, s_old = old.update(g, s_old)
+    np.testing.assert_array_equal(u_new, u_old)
+    np.testing.assert_array_equal(s_new.tau, s_old.tau)
+  with pytest.raises(ValueError, match="already adapts"):
+    optax_gaf.gaf(cfg, adaptive_tau=cfg)
+  with pytest.raises(ValueError, match=r"\[0, 2\]"):
+    optax_gaf.gaf(cfg._replace(cap=3.0))
+
+
+@pytest.mark.parametrize(
+  "old, new",
+  [
+    ("streamed", "record_filtered"),
+    ("streaming_grads", "streaming_filtered_grads"),
+    ("ghost_grads", "ghost_filtered_grads"),
+  ],
+)
+def test_renamed_functions_keep_a_deprecated_alias(old, new):
+  with pytest.warns(DeprecationWarning, match=f"optax_gaf.{new}"):
+    fn = getattr(optax_gaf, old)
+  assert fn is getattr(optax_gaf, new)
+  assert old not in optax_gaf.__all__

@@ -39,14 +39,14 @@ PACKAGE = "optax_gaf"
 
 # Public submodules documented with their own ``__all__`` when they exist
 # (also any module that the package's ``__all__`` exports).
-SUBMODULES = ("rules", "flax")
+SUBMODULES = ("rules", "placement", "flax")
 
 # Sections of the top-level API, in page order. Names not listed here land in
 # "More", so a new export shows up without editing this file, and names that
 # are no longer exported simply drop out.
 GROUPS = (
   ("Training step: the true skip", ("process",)),
-  ("Aggregators", ("gaf", "streamed", "and_mask", "adacons")),
+  ("Aggregators", ("gaf", "record_filtered", "and_mask", "adacons")),
   ("Thresholds", ("AutoTau", "AdaptiveTau")),
   (
     "States and diagnostics",
@@ -58,9 +58,9 @@ GROUPS = (
   ),
   (
     "Streaming (memory independent of N)",
-    ("streaming_grads", "gaf_accumulator", "FilteredGradients"),
+    ("streaming_filtered_grads", "gaf_accumulator", "FilteredGradients"),
   ),
-  ("Building blocks", ("Placement", "resolve_placement", "RuleOutput")),
+  ("Building blocks", ("placement", "RuleOutput")),
 )
 
 HEADER = """\

@@ -1,4 +1,4 @@
-"""GAF inside the gradient function, on ghost microgradients."""
+"""``ghost_filtered_grads``: streaming_filtered_grads' contract on ghosts."""
 
 from typing import Any
 
@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_gaf import _gram
+from optax_gaf import _stages
 from optax_gaf import _streaming
 from optax_gaf import _threshold
 from optax_gaf import rules
@@ -21,11 +22,11 @@ def ghost_filtered_grads(
   has_aux: bool = False,
   route: str = "auto",
 ) -> Any:
-  """:func:`optax_gaf.streaming_grads`' contract on ghost microgradients.
+  """:func:`optax_gaf.streaming_filtered_grads`' contract on ghosts.
 
   Filters inside the gradient function and returns
-  :class:`optax_gaf.FilteredGradients` for :func:`optax_gaf.streamed`, with
-  no N x P arrays. For schedules, :class:`optax_gaf.AdaptiveTau`,
+  :class:`optax_gaf.FilteredGradients` for :func:`optax_gaf.record_filtered`,
+  with no N x P arrays. For schedules, :class:`optax_gaf.AdaptiveTau`,
   :class:`optax_gaf.AutoTau` or ``per_leaf`` (which keep state) pass
   :func:`optax_gaf.ghost_microgradients`' output to :func:`optax_gaf.gaf`
   instead.
@@ -42,7 +43,7 @@ def ghost_filtered_grads(
 
   Returns:
     ``fn(params, batch, *args) -> (losses, filtered)`` as
-    :func:`optax_gaf.streaming_grads` returns.
+    :func:`optax_gaf.streaming_filtered_grads` returns.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_gaf
@@ -50,7 +51,7 @@ def ghost_filtered_grads(
     >>> batch = {"x": jnp.eye(4, 3), "y": jnp.array([1.0, 1.0, -1.0, 0.0])}
     >>> grad_fn = optax_gaf.ghost_filtered_grads(loss, 4, tau=0.9)
     >>> tx = optax_gaf.process(optax.identity(),
-    ...     optax_gaf.streamed(num_microbatches=4), optax.sgd(0.1))
+    ...     optax_gaf.record_filtered(num_microbatches=4), optax.sgd(0.1))
     >>> params = jnp.zeros(3)
     >>> state = tx.init(params)
     >>> losses, filtered = grad_fn(params, batch)
@@ -58,32 +59,17 @@ def ghost_filtered_grads(
     >>> optax_gaf.stats(state)["ready"]  # orthogonal: nothing agrees
     Array(False, dtype=bool)
   """
-  from optax_gaf import _gaf  # _gaf imports this package
-
   _threshold.check_tau(tau, allow_schedule=False)
-  config = _gaf._configure(
-    tau,
-    rule,
-    num_microbatches,
-    None,
-    "all_to_all",
-    False,
-    "global",
-    None,
-    None,
-  )
+  rule_fn = _stages.resolve_rule(rule, None)
   grad_fn = producer.ghost_microgradients(
     loss_fn, num_microbatches, has_aux=has_aux, route=route
   )
 
   def fn(params, batch, *args):
     values, ghost = grad_fn(params, batch, *args)
-    leaves = ghost.virtual_leaves
-    t = jnp.asarray(tau, _gram.stat_dtype(leaves))
-    updates, out, diversity = _gaf._route(config, ghost, leaves, t)
-    filtered = _streaming._filtered(
-      ghost.treedef.unflatten(updates), out, tau, diversity
-    )
-    return values, filtered
+    t = jnp.asarray(tau, _gram.stat_dtype(ghost.leaves))
+    updates, out, diversity = _stages.aggregate(ghost, rule_fn, t)
+    updates = ghost.treedef.unflatten(updates)
+    return values, _streaming.filtered_gradients(updates, out, tau, diversity)
 
   return fn

@@ -359,7 +359,9 @@ def test_ghost_grads_equals_gaf_on_materialized():
       want,
     )
   tx = optax_gaf.process(
-    optax.identity(), optax_gaf.streamed(num_microbatches=8), optax.sgd(0.1)
+    optax.identity(),
+    optax_gaf.record_filtered(num_microbatches=8),
+    optax.sgd(0.1),
   )
   _, state = tx.update(filtered, tx.init(params), params)
   np.testing.assert_array_equal(
