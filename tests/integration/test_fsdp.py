@@ -35,7 +35,7 @@ TAU = 0.5
 # replicated one whose axes do not divide D (JAX cannot shard it).
 SHAPES = {"w": (16, 6), "v": (5, 24), "b": (13,)}
 SPECS = {"w": P("data", None), "v": P(None, "data"), "b": P()}
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _mesh(axis_type="Explicit"):
