@@ -4,7 +4,7 @@
 ``benchmarks/overhead.py`` (microbatch size 8) at N = 4, 16 and 64:
 
 * ``vmap``: ``microbatch_grads`` (all N microgradients at once) + ``gaf``;
-* ``streaming``: ``streaming_grads`` (one microgradient at a time in a
+* ``streaming``: ``streaming_filtered_grads`` (one microgradient at a time in a
   ``fori_loop``) + ``streamed``, which records its decisions.
 
 "temp" is XLA's scratch memory, what the step needs beyond its inputs and

@@ -5,7 +5,7 @@ the data-parallel example's accuracy) or that a benchmark prints without
 writing a file. This wraps such a run: it writes the command, the machine,
 the load average before and after, the wall time and the program's output
 into a Markdown file under ``benchmarks/results/``, where the docs (and
-``tests/test_doc_numbers.py``) read them.
+``tests/docs/test_doc_numbers.py``) read them.
 
 Run from the repository root::
 

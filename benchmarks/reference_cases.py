@@ -1,9 +1,10 @@
 """Records reference cases from the authors' ``step_GAF`` for a torch-free test.
 
-``tests/test_reference_parity.py`` checks ``optax_gaf.gaf(rule="pairwise")``
-against ``gradient_agreement_filtering.step_GAF`` (0.1.3). Torch is not a
-dependency of optax_gaf and CI does not have it, so this script runs
-``step_GAF`` once, in a side environment, and stores what it saw and did in
+``tests/integration/test_reference_parity.py`` checks
+``optax_gaf.gaf(rule="pairwise")`` against
+``gradient_agreement_filtering.step_GAF`` (0.1.3). Torch is not a dependency
+of optax_gaf and CI does not have it, so this script runs ``step_GAF`` once,
+in a side environment, and stores what it saw and did in
 ``tests/data/step_gaf_cases.npz``; the test replays those cases with no torch.
 
 Each case is one ``step_GAF`` call on a tiny MLP (6 -> 6 -> 3, tanh; 63
@@ -48,19 +49,19 @@ same bytes every run)::
 
   PYTHONPATH=. /work/venv-torch/bin/python benchmarks/reference_cases.py
 
-The live test in ``tests/test_reference_parity.py`` imports ``run_case`` from
-here; to run it in the side environment, add the main venv's JAX stack and
-optax_gaf itself::
+The live test in ``tests/integration/test_reference_parity.py`` imports
+``run_case`` from here; to run it in the side environment, add the main venv's
+JAX stack and optax_gaf itself::
 
   /work/venv-torch/bin/pip install jax==0.10.2 optax==0.2.8 chex==0.1.92 \\
       pytest hypothesis nbmake
   /work/venv-torch/bin/pip install --no-deps -e .
   PYTHONPATH=. /work/venv-torch/bin/python -m pytest \\
-      tests/test_reference_parity.py
+      tests/integration/test_reference_parity.py
 
 Torch is imported at the top, so the test suite does not import this module
-(``benchmarks/`` is not collected); only the live test does, after it has
-checked that torch is there.
+(of ``benchmarks/`` only ``benchmarks/tests/`` is collected); only the live
+test does, after it has checked that torch is there.
 """
 
 import argparse

@@ -6,8 +6,8 @@ model, batch and optimizer inside ``optax_gaf.process`` (the true skip):
 
 * ``materialized``: ``microbatch_grads`` (``vmap``, N x P microgradients),
   then ``gaf`` as shipped (its O(NP) block route above 16 microbatches);
-* ``streaming``: ``streaming_grads`` (one microgradient at a time) and
-  ``streamed``;
+* ``streaming``: ``streaming_filtered_grads`` (one microgradient at a time) and
+  ``record_filtered``;
 * ``ghost``: ``ghost_microgradients`` (layer inputs and output gradients, no
   N x P arrays) and ``gaf``.
 

@@ -178,6 +178,26 @@ def shard_map_update(agg, per_device=False, on=None, axis="data"):
   )
 
 
+def fixed_microgradients(n, seed=0):
+  """Leaves of MESH_SHAPES: agreeing and conflicting microgradients, a NaN one
+  (index 2) and a zero one (index n - 3)."""
+  rng = np.random.default_rng(seed)
+  leaves = make_microgradients(rng, n, MESH_SHAPES, agreement=0.7)
+  leaves[1][2] = np.nan  # on device 1 (n_local 2) or 2 (n_local 1)
+  for x in leaves:
+    x[n - 3] = 0.0  # a zero microgradient on the last devices
+  return leaves
+
+
+def gathers_of_all_microgradients(hlo, n):
+  """The all-gathers of compiled HLO text that gather all N microgradients."""
+  return [
+    line
+    for line in hlo.splitlines()
+    if " all-gather(" in line and f"[{n}," in line.split("all-gather(")[0]
+  ]
+
+
 # --- comparisons
 
 

@@ -1,4 +1,5 @@
-"""One process of ``tests/test_multiprocess.py``: a pod host, in miniature.
+"""One process of ``tests/integration/test_multiprocess.py``: a pod host, in
+miniature.
 
 ``python -m tests.multiprocess_worker --process-id I --port P --out DIR``
 joins ``NUM_PROCESSES`` processes of ``LOCAL_DEVICES`` CPU devices each with

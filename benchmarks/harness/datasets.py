@@ -12,7 +12,7 @@ once and gathers batches there, so a whole run can be a ``jax.lax.scan``.
   TensorFlow: ``pip install -e ".[cifar]"``. Reading them afterwards does not.
 * ``symmetric_label_noise``: move exactly ``round(rate * n)`` labels to a
   uniformly random other class. ``examples/`` repeat it inline, and
-  ``tests/test_examples.py`` checks that they corrupt the same fraction.
+  ``tests/docs/test_examples.py`` checks that they corrupt the same fraction.
 * ``class_balanced_microbatches``: indices of microbatches that each hold the
   same number of examples of every class, as in the authors' code.
 """

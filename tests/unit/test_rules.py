@@ -328,30 +328,6 @@ def test_custom_rule_across_devices_equals_one_device():
   assert 2 <= accepted.sum() < n  # some accepted, some rejected
 
 
-def test_custom_rule_per_leaf_matches_oracle_on_every_leaf():
-  n, tau = 5, 0.8
-
-  def is_clear(leaves):
-    return all(_custom_clear(tau)([x]) for x in leaves)
-
-  leaves = helpers.clear_draw(3, n, SHAPES, 0.5, is_clear)
-  grads = helpers.tree(leaves)
-  tx = optax_gaf.gaf(
-    tau, rule=helpers.near_mean, num_microbatches=n, granularity="per_leaf"
-  )
-  params = helpers.params_like(grads)
-  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
-  for i, name in enumerate(sorted(grads)):  # jax.tree.leaves order
-    want, accepted, dist = oracle.near_mean(oracle.flatten([grads[name]]), tau)
-    np.testing.assert_array_equal(state.accepted[i], accepted)
-    np.testing.assert_allclose(state.cosine_distance[i], dist, atol=2e-5)
-    if want is None:
-      want = np.zeros(grads[name][0].size)
-    np.testing.assert_allclose(
-      np.ravel(updates[name]), want, rtol=2e-5, atol=2e-6
-    )
-
-
 def test_unhashable_callable_rule_works():
   class Rule:
     __hash__ = None  # e.g. a dataclass with eq=True

@@ -1,5 +1,6 @@
-"""optax_gaf.gaf as an aggregator: input handling, per-leaf granularity,
-composition with Optax, and its arguments."""
+"""optax_gaf.gaf as an aggregator: input handling, its state, composition
+with Optax, and its arguments. Per-leaf granularity:
+tests/integration/test_per_leaf.py."""
 
 import chex
 import jax
@@ -139,83 +140,6 @@ def test_gradient_diversity_matches_oracle_for_every_rule():
       helpers.tree(leaves), 0.9, rule, 6, granularity=granularity
     )
     assert float(state.gradient_diversity) == pytest.approx(want, rel=1e-4)
-
-
-# --- per-leaf granularity
-
-
-@pytest.mark.parametrize("rule", ["sequential", "pairwise", "medoid", "soft"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_per_leaf_with_one_leaf_equals_global(rule, seed):
-  rng = np.random.default_rng(seed)
-  (x,) = helpers.make_microgradients(rng, 6, [(4, 5)], 0.5)
-  (u_g, s_g), (u_l, s_l) = [
-    helpers.run_gaf(x, 0.9, rule, 6, granularity=g)
-    for g in ("global", "per_leaf")
-  ]
-  np.testing.assert_array_equal(u_g, u_l)
-  np.testing.assert_array_equal(s_g.accepted, s_l.accepted[0])
-  np.testing.assert_array_equal(s_g.cosine_distance, s_l.cosine_distance[0])
-  assert bool(s_g.ready) == bool(s_l.ready)
-  assert float(s_g.acceptance_rate) == float(s_l.leaf_acceptance_rate[0])
-
-
-@pytest.mark.parametrize("rule", ["sequential", "pairwise", "medoid"])
-def test_per_leaf_matches_oracle_on_every_leaf(rule):
-  tau, n = 0.9, 6
-
-  def is_clear(leaves):
-    return all(
-      helpers.decisions_clear(rule, tau)([x]) and helpers.pairs_clear(tau)([x])
-      for x in leaves
-    )
-
-  leaves = helpers.clear_draw(7, n, SHAPES, 0.4, is_clear)
-  grads = helpers.tree(leaves)
-  updates, state = helpers.run_gaf(grads, tau, rule, n, granularity="per_leaf")
-  # Per-leaf statistics follow jax.tree.leaves order (sorted dict keys).
-  for i, name in enumerate(sorted(grads)):
-    x = grads[name]
-    want, accepted, dist = helpers.ORACLES[rule](oracle.flatten([x]), tau)
-    np.testing.assert_array_equal(state.accepted[i], accepted)
-    np.testing.assert_allclose(state.cosine_distance[i], dist, atol=2e-5)
-    assert float(state.leaf_acceptance_rate[i]) == pytest.approx(
-      accepted.mean()
-    )
-    want = np.zeros(x[0].size) if want is None else want
-    np.testing.assert_allclose(
-      np.ravel(updates[name]), want, rtol=2e-5, atol=2e-6
-    )
-
-
-def test_per_leaf_no_agreement_only_where_no_leaf_agrees():
-  # Leaf "a" agrees, leaf "b" is orthogonal: "b" gets zeros, the step is ready.
-  grads = {
-    "a": jnp.array([[1.0, 0.0], [1.0, 0.1]]),
-    "b": jnp.array([[1.0, 0.0], [0.0, 1.0]]),
-  }
-  params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
-  tx = optax_gaf.gaf(0.5, granularity="per_leaf", num_microbatches=2)
-  updates, state = jax.jit(tx.update)(grads, tx.init(params))
-  np.testing.assert_allclose(updates["a"], [1.0, 0.05])
-  np.testing.assert_array_equal(updates["b"], [0.0, 0.0])
-  assert bool(state.ready)
-  np.testing.assert_allclose(state.leaf_acceptance_rate, [1.0, 0.5])
-  grads["a"] = grads["b"]
-  _, state = jax.jit(tx.update)(grads, tx.init(params))
-  assert not bool(state.ready) and int(state.skipped_steps) == 1
-
-
-def test_per_leaf_update_with_another_tree_than_init_is_refused():
-  tx = optax_gaf.gaf(0.5, granularity="per_leaf")
-  state = tx.init({"a": jnp.zeros(2), "b": jnp.zeros(2)})
-  with pytest.raises(ValueError, match="initialised for 2 leaves.*with 3"):
-    tx.update(
-      {"a": jnp.ones((3, 2)), "b": jnp.ones((3, 2)), "c": jnp.ones((3, 1))},
-      state,
-    )
-  with pytest.raises(ValueError, match="pass them to init"):
-    tx.init(None)
 
 
 # --- composition with Optax

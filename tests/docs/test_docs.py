@@ -20,7 +20,7 @@ import traceback
 import markdown_it
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNNABLE = {"python", "py", "python3"}
 # Directives whose body is Markdown (admonitions and the like) may hold code
 # blocks; these ones hold something else.

@@ -14,7 +14,7 @@ are importable; the generator's docstring says how to build that side venv.
 Run it there with::
 
   PYTHONPATH=. /work/venv-torch/bin/python -m pytest \\
-      tests/test_reference_parity.py
+      tests/integration/test_reference_parity.py
 """
 
 import pathlib
@@ -27,7 +27,8 @@ import pytest
 
 import optax_gaf
 
-DATA = pathlib.Path(__file__).parent / "data" / "step_gaf_cases.npz"
+TESTS = pathlib.Path(__file__).resolve().parents[1]
+DATA = TESTS / "data" / "step_gaf_cases.npz"
 # A distance this close to tau is a float32 tie: the two implementations round
 # it differently, so either decision is right. The generator leaves such
 # cases out and the file must hold none.

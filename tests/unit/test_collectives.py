@@ -1,12 +1,14 @@
-"""Placements across 8 simulated CPU devices: shard_map, pmap and plain jit.
+"""The collective placements across 8 simulated CPU devices: shard_map and
+pmap with ``all_to_all`` or ``all_gather``.
 
 Every aggregator spread over devices must give what one device gives on the
 device-major concatenation of all microgradients: the same decisions (exactly)
 and the same updates and statistics (to float32 rounding, since the Gram
-matrix is summed chunk by chunk), bitwise identical on every device.
+matrix is summed chunk by chunk), bitwise identical on every device. Plain
+jit over a mesh: tests/unit/test_mesh.py; resolve_placement:
+tests/unit/test_placement.py.
 """
 
-import contextlib
 import functools
 
 import hypothesis
@@ -41,16 +43,6 @@ def _assert_matches_oracle(updates, state, leaves, rule):
   )
 
 
-def _fixed_microgradients(n, seed=0):
-  """Agreeing and conflicting ones, plus a NaN one and a zero one."""
-  rng = np.random.default_rng(seed)
-  leaves = helpers.make_microgradients(rng, n, MESH_SHAPES, agreement=0.7)
-  leaves[1][2] = np.nan  # on device 1 (n_local 2) or 2 (n_local 1)
-  for x in leaves:
-    x[n - 3] = 0.0  # a zero microgradient on the last devices
-  return leaves
-
-
 @functools.cache
 def _gaf_step(n, rule, collective, per_device=False):
   agg = optax_gaf.gaf(
@@ -64,87 +56,6 @@ def _run_shard_map(leaves, rule, collective, per_device=False):
   return fn(helpers.shard(_tree(leaves)), agg.init(None))
 
 
-# --- resolve_placement
-
-
-def _placement_type(leaves, axis_name=None, collective="all_to_all"):
-  return type(
-    optax_gaf.placement.resolve_placement(leaves, axis_name, collective)
-  )
-
-
-def test_resolve_placement_without_axis_is_local():
-  assert (
-    _placement_type([jnp.ones((4, 2))]) is optax_gaf.placement.LocalPlacement
-  )
-
-
-@pytest.mark.parametrize(
-  "collective, want",
-  [
-    ("all_to_all", optax_gaf.placement.AllToAllPlacement),
-    ("all_gather", optax_gaf.placement.AllGatherPlacement),
-  ],
-)
-def test_resolve_placement_in_shard_map_and_pmap(collective, want):
-  found = []
-
-  def fn(x):
-    found.append(_placement_type([x], "data", collective))
-    return x
-
-  jax.shard_map(
-    fn, mesh=helpers.mesh(), in_specs=P("data"), out_specs=P("data")
-  )(helpers.shard(jnp.ones((D, 2))))
-  jax.pmap(fn, axis_name="data")(jnp.ones((D, 1, 2)))
-  assert found == [want, want]
-
-
-def test_resolve_placement_under_plain_jit():
-  explicit = helpers.mesh()  # Explicit axes by default
-  found = {}
-
-  @jax.jit
-  def fn(x):
-    found["explicit"] = _placement_type([x])
-    return x
-
-  fn(helpers.shard(jnp.ones((D, 2)), on=explicit))
-  auto = jax.make_mesh(
-    (D,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-  )
-
-  @jax.jit
-  def named(x):
-    found["named"] = _placement_type([x], "data")
-    found["named_gather"] = _placement_type([x], "data", "all_gather")
-    return x
-
-  with jax.set_mesh(auto):
-    named(helpers.shard(jnp.ones((D, 2)), on=auto))
-  assert found == {
-    "explicit": optax_gaf.placement.MeshPlacement,
-    "named": optax_gaf.placement.MeshPlacement,
-    "named_gather": optax_gaf.placement.LocalPlacement,
-  }
-
-
-def test_resolve_placement_with_an_unbound_axis_says_what_to_do():
-  with pytest.raises(ValueError, match="not bound.*shard_map.*pmap.*set_mesh"):
-    optax_gaf.placement.resolve_placement([jnp.ones((4, 2))], "data")
-  agg = optax_gaf.gaf(TAU, axis_name="data")
-  with pytest.raises(ValueError, match="not bound.*shard_map.*pmap"):
-    agg.update(jnp.ones((4, 3)), agg.init(None))
-
-
-def test_resolve_placement_checks_its_arguments():
-  with pytest.raises(ValueError, match="collective"):
-    optax_gaf.placement.resolve_placement([jnp.ones((4, 2))], None, "ring")
-  with pytest.warns(DeprecationWarning, match="optax_gaf.placement"):
-    old = optax_gaf.resolve_placement
-  assert old is optax_gaf.placement.resolve_placement
-
-
 # --- gaf across devices
 
 
@@ -153,7 +64,7 @@ def test_resolve_placement_checks_its_arguments():
 @pytest.mark.parametrize("rule", ["sequential", "pairwise"])
 def test_shard_map_matches_single_device_and_oracle(n_local, collective, rule):
   n = D * n_local
-  leaves = _fixed_microgradients(n)
+  leaves = helpers.fixed_microgradients(n)
   flat = oracle.flatten(leaves)
   assert not oracle.is_ambiguous(helpers.ORACLES[rule](flat, TAU)[2], TAU)
   updates, state = _run_shard_map(leaves, rule, collective)
@@ -173,7 +84,7 @@ def test_shard_map_matches_single_device_and_oracle(n_local, collective, rule):
 
 @pytest.mark.parametrize("collective", ["all_to_all", "all_gather"])
 def test_every_device_holds_bitwise_the_same_result(collective):
-  leaves = _fixed_microgradients(2 * D, seed=1)
+  leaves = helpers.fixed_microgradients(2 * D, seed=1)
   out = _run_shard_map(leaves, "sequential", collective, per_device=True)
   helpers.assert_same_on_every_device(out)
   assert bool(helpers.first_device(out)[1].ready)
@@ -209,7 +120,7 @@ def test_no_agreement_step_is_skipped_on_every_device():
 @pytest.mark.parametrize("collective", ["all_to_all", "all_gather"])
 def test_pmap(collective):
   n_local = 2
-  leaves = _fixed_microgradients(D * n_local, seed=2)
+  leaves = helpers.fixed_microgradients(D * n_local, seed=2)
   agg = optax_gaf.gaf(
     TAU, num_microbatches=D * n_local, axis_name="i", collective=collective
   )
@@ -226,7 +137,7 @@ def test_pmap(collective):
 
 def test_tuple_axis_name_is_device_major():
   mesh = helpers.mesh((4, 2), ("x", "y"))
-  leaves = _fixed_microgradients(D, seed=3)
+  leaves = helpers.fixed_microgradients(D, seed=3)
   agg = optax_gaf.gaf(TAU, num_microbatches=D, axis_name=("x", "y"))
   fn = helpers.shard_map_update(agg, on=mesh, axis=("x", "y"))
   grads = helpers.shard(_tree(leaves), P(("x", "y")), on=mesh)
@@ -259,7 +170,7 @@ def test_inside_an_optimizer_with_inner_adam():
       out_specs=(P(), P()),
     )
   )
-  leaves = _fixed_microgradients(2 * D, seed=4)
+  leaves = helpers.fixed_microgradients(2 * D, seed=4)
   new_params, new_state = fn(helpers.shard(_tree(leaves)), opt_state, params)
   ref_state, ref_step = make_step(None)
   ref_params, _ = ref_step(_tree(leaves), ref_state, params)
@@ -270,7 +181,7 @@ def test_inside_an_optimizer_with_inner_adam():
 
 def test_per_leaf_gram_and_weights_across_devices():
   """What per-leaf aggregators use: [L, N, N] Gram, [L, N] weights."""
-  leaves = _fixed_microgradients(2 * D, seed=5)
+  leaves = helpers.fixed_microgradients(2 * D, seed=5)
   leaves = [np.nan_to_num(x) for x in leaves]
   rng = np.random.default_rng(0)
   weights = rng.normal(size=(2, 2 * D)).astype(np.float32)
@@ -297,14 +208,6 @@ def test_per_leaf_gram_and_weights_across_devices():
     assert combined[i].shape == x.shape[1:]
 
 
-def _gathers_of_all_microgradients(hlo, n):
-  return [
-    line
-    for line in hlo.splitlines()
-    if " all-gather(" in line and f"[{n}," in line.split("all-gather(")[0]
-  ]
-
-
 def test_all_to_all_plan_moves_each_leaf_once():
   """gram and combine share one all_to_all per leaf (XLA CSE); no gather of
   all N."""
@@ -319,18 +222,7 @@ def test_all_to_all_plan_moves_each_leaf_once():
   hlo = fn.lower(grads, agg.init(None)).compile().as_text()
   ops = [line for line in hlo.splitlines() if " all-to-all(" in line]
   assert 1 <= len(ops) <= len(MESH_SHAPES), ops
-  assert not _gathers_of_all_microgradients(hlo, 2 * D)
-
-
-def test_bad_arguments():
-  with pytest.raises(ValueError, match="collective"):
-    optax_gaf.gaf(TAU, axis_name="data", collective="ring")
-  with pytest.raises(TypeError, match="axis_name"):
-    optax_gaf.gaf(TAU, axis_name=["data"])
-  agg, fn = _gaf_step(2 * D, "sequential", "all_to_all")
-  leaves = _fixed_microgradients(D)  # n_local 1: N = 8, not 16
-  with pytest.raises(ValueError, match="num_microbatches=16.*got 8"):
-    fn(helpers.shard(_tree(leaves)), agg.init(None))
+  assert not helpers.gathers_of_all_microgradients(hlo, 2 * D)
 
 
 def test_lax_all_to_all_layout_is_device_major():
@@ -350,61 +242,6 @@ def test_lax_all_to_all_layout_is_device_major():
   out = np.asarray(out)
   for c in range(D):
     np.testing.assert_array_equal(out[c], x[:, 3 * c : 3 * c + 3])
-
-
-@pytest.mark.parametrize(
-  "axis_type, axis_name, set_mesh",
-  [
-    ("Auto", "data", True),  # plain jit, axis named, jax.set_mesh
-    ("Explicit", None, False),  # sharding read from the leaves' types
-    ("Explicit", "data", True),
-  ],
-)
-def test_plain_jit_takes_the_all_to_all_plan(axis_type, axis_name, set_mesh):
-  n = 2 * D
-  mesh = jax.make_mesh(
-    (D,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),)
-  )
-  leaves = _fixed_microgradients(n, seed=6)
-  agg = optax_gaf.gaf(TAU, num_microbatches=n, axis_name=axis_name)
-  ctx = jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()
-  with ctx:
-    grads = helpers.shard(_tree(leaves), on=mesh)
-    fn = jax.jit(agg.update)
-    hlo = fn.lower(grads, agg.init(None)).compile().as_text()
-    updates, state = fn(grads, agg.init(None))
-  _assert_matches_oracle(updates, state, leaves, "sequential")
-  assert " all-to-all(" in hlo
-  assert not _gathers_of_all_microgradients(hlo, n)
-
-
-def test_plain_jit_explicit_with_an_unsharded_leaf():
-  """One leaf's microbatch axis sharded, the other replicated: still exact."""
-  n = 2 * D
-  mesh = helpers.mesh()  # Explicit axes by default
-  leaves = _fixed_microgradients(n, seed=7)
-  agg = optax_gaf.gaf(TAU, num_microbatches=n)
-  grads = _tree(
-    [helpers.shard(leaves[0], on=mesh), helpers.shard(leaves[1], P(), mesh)]
-  )
-  fn = jax.jit(agg.update)
-  hlo = fn.lower(grads, agg.init(None)).compile().as_text()
-  _assert_matches_oracle(*fn(grads, agg.init(None)), leaves, "sequential")
-  assert not _gathers_of_all_microgradients(hlo, n)
-
-
-def test_plain_jit_explicit_leaves_sharded_over_different_axes():
-  mesh = helpers.mesh((4, 2), ("x", "y"))
-  leaves = _fixed_microgradients(D, seed=8)
-  grads = _tree(
-    [
-      helpers.shard(leaves[0], P("x"), mesh),
-      helpers.shard(leaves[1], P("y"), mesh),
-    ]
-  )
-  agg = optax_gaf.gaf(TAU)
-  with pytest.raises(ValueError, match="different mesh axes"):
-    jax.jit(agg.update)(grads, agg.init(None))
 
 
 # --- every rule and aggregator across devices
@@ -503,17 +340,7 @@ def test_all_gather_collective_equals_single_device(case):
   helpers.assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", ["medoid_per_leaf", "and_mask"])
-def test_plain_jit_with_sharded_microbatch_axis(case):
-  single, single_update, _ = _aggregators(case, D, "all_to_all")
-  grads, sharded = _draw(D, seed=9)
-  want = single_update(grads, single.init(_params()))
-  # Same jitted function, now with the microbatch axis sharded: the mesh path.
-  got = single_update(sharded, single.init(_params()))
-  helpers.assert_close(got, want)
-
-
-# --- issue 19: zero-size leaves across devices; a vmap axis is refused
+# --- issue 19: zero-size leaves across devices
 
 
 @pytest.mark.parametrize("collective", ["all_to_all", "all_gather"])
@@ -536,20 +363,3 @@ def test_zero_size_leaf_in_shard_map(collective, scale):
   np.testing.assert_array_equal(state.accepted, accepted)
   got = helpers.flat_update(updates, MESH_NAMES)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
-
-
-@pytest.mark.parametrize(
-  "agg",
-  [
-    optax_gaf.gaf(TAU, axis_name="i"),
-    optax_gaf.and_mask(axis_name="i"),
-    optax_gaf.adacons(axis_name="i"),
-  ],
-  ids=["gaf", "and_mask", "adacons"],
-)
-def test_a_vmap_axis_is_refused_with_what_to_do(agg):
-  def step(g):
-    return agg.update(g, agg.init(None))[0]
-
-  with pytest.raises(ValueError, match="jax.vmap axis.*axis_name=None"):
-    jax.vmap(step, axis_name="i")(jnp.ones((4, 1, 2)))

@@ -21,7 +21,7 @@ import pytest
 from tests import multiprocess_worker as worker
 from tests import oracle
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Seconds per launch. A healthy one takes about 15-30 s on an idle 2-core
 # machine; the bound is generous so that a loaded machine (CI beside other
 # work) does not fail it, and only a real hang does.

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import optax_gaf
 from benchmarks.harness import datasets
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))
 THIRD_PARTY = {
   "flax",

@@ -1,5 +1,6 @@
-"""Stages 1 and 3 on arrays (optax_gaf/_gram.py): the Gram matrix, sanitizing,
-the weighted sum and the gradient diversity, against float64 NumPy."""
+"""Stage 1 on arrays (optax_gaf/_gram.py): the Gram matrix, sanitizing, the
+float range and the gradient diversity, against float64 NumPy. Stage 3 (the
+weighted sum): tests/unit/test_combine.py."""
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +11,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import optax_gaf
-from optax_gaf import _combine
 from optax_gaf import _gram
 from tests import helpers
 from tests import oracle
 from tests.helpers import SHAPES
 
 _gram_jit = jax.jit(_gram.gram, static_argnames="per_leaf")
-_weighted_sum = jax.jit(_combine.weighted_sum)
 
 
 @settings(max_examples=15, deadline=None)
@@ -61,28 +60,6 @@ def test_sanitized_zeroes_unusable_rows_and_columns():
   stacked = _gram.gram([jnp.asarray(x), jnp.ones((5, 2))], per_leaf=True)
   _, usable = _gram.sanitized(stacked)
   assert usable.shape == (2, 5) and bool(usable[1].all())
-
-
-def test_weighted_sum_zeroes_unusable_before_the_sum():
-  x = np.array([[1.0, 2.0], [np.nan, 1.0], [3.0, -1.0]], np.float32)
-  w = jnp.array([0.5, 0.0, 0.25])
-  usable = jnp.array([True, False, True])
-  (out,) = _weighted_sum([jnp.asarray(x)], w, usable)
-  np.testing.assert_allclose(out, [1.25, 0.75], rtol=1e-7)
-  # All usable: the dense route.
-  (dense,) = _weighted_sum([jnp.asarray(x[[0, 2]])], w[:2], usable[:2])
-  np.testing.assert_allclose(dense, [0.5, 1.0], rtol=1e-7)
-
-
-def test_weighted_sum_per_leaf_weights_and_dtypes():
-  a = jnp.asarray([[1.0, 2.0], [3.0, 4.0]], jnp.bfloat16)
-  b = jnp.asarray([[1.0], [-1.0]], jnp.float32)
-  w = jnp.array([[0.5, 0.5], [1.0, 2.0]])
-  usable = jnp.ones((2, 2), bool)
-  out_a, out_b = _weighted_sum([a, b], w, usable)
-  assert out_a.dtype == jnp.bfloat16 and out_b.dtype == jnp.float32
-  np.testing.assert_array_equal(out_a.astype(jnp.float32), [2.0, 3.0])
-  np.testing.assert_array_equal(out_b, [-1.0])
 
 
 @pytest.mark.parametrize("n", [3, 6])

@@ -26,10 +26,12 @@ from benchmarks import noisy_labels_table
 from benchmarks.harness import datasets
 from benchmarks.harness import models
 from benchmarks.harness import training
+from benchmarks.tests import test_harness_datasets
 from tests import oracle
-from tests import test_harness_datasets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 D, C, M = 4, 3, 5  # features, classes, examples per microbatch
 
 

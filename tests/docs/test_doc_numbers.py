@@ -17,9 +17,9 @@ import statistics
 import markdown_it
 import pytest
 
-from tests.test_docs import doc_files
+from tests.docs.test_docs import doc_files
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
 

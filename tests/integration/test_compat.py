@@ -710,24 +710,3 @@ def test_per_leaf_decisions_before_multi_transform():
   for name, lr in (("w", 0.1), ("b", 1.0)):
     expected = _oracle_update({name: grads[name]})[name]
     np.testing.assert_allclose(u[name], -lr * expected, rtol=1e-5)
-
-
-def test_per_leaf_nan_in_one_leaf_drops_it_from_that_leaf_only():
-  """With per_leaf, a microgradient with a NaN in one leaf still counts in
-  the other leaves (global granularity drops it everywhere)."""
-  params = _params()
-  grads = _micro((1, 1, 1, 1))
-  grads["b"] = grads["b"].at[2, 0].set(jnp.nan)
-  agg = optax_gaf.gaf(2.0, num_microbatches=N, granularity="per_leaf")
-  u, state = jax.jit(agg.update)(grads, agg.init(params), params)
-  accepted = dict(zip(("b", "w"), np.asarray(state.accepted)))
-  np.testing.assert_array_equal(accepted["b"], [True, True, False, True])
-  np.testing.assert_array_equal(accepted["w"], [True, True, True, True])
-  b = np.asarray(grads["b"], np.float64)
-  np.testing.assert_allclose(u["b"], b[[0, 1, 3]].mean(axis=0), rtol=1e-6)
-  w = np.asarray(grads["w"], np.float64)
-  np.testing.assert_allclose(u["w"], w.mean(axis=0), rtol=1e-6)
-  agg = optax_gaf.gaf(2.0, num_microbatches=N)
-  u, state = jax.jit(agg.update)(grads, agg.init(params), params)
-  np.testing.assert_array_equal(state.accepted, [True, True, False, True])
-  np.testing.assert_allclose(u["w"], w[[0, 1, 3]].mean(axis=0), rtol=1e-6)

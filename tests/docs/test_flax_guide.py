@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "guides" / "flax.md"
 PROGRAMS = ROOT / "examples" / "flax_guide"
 

@@ -1,5 +1,6 @@
-"""The block route (no Gram matrix of all N) decides exactly as the Gram
-route."""
+"""The running-aggregate engine: the block route (no Gram matrix of all N)
+decides exactly as the Gram route; its kernel folds one at a time as in
+blocks; the streaming overflow guard refuses a step it cannot decide."""
 
 import functools
 
@@ -7,6 +8,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import assume
 from hypothesis import given
@@ -183,3 +185,39 @@ def test_block_route_accepts_copies_at_tau_zero():
   )
   assert int(state.num_accepted) == 20
   np.testing.assert_allclose(updates, g[0], rtol=1e-6)
+
+
+# --- the overflow guard of the running sums (streaming)
+
+
+def _streamed_fn(n):
+  """gaf_accumulator fed one microbatch at a time (no rescaling there)."""
+  acc = optax_gaf.gaf_accumulator(0.5, num_microbatches=n)
+  return jax.jit(
+    optax.microbatching.microbatch(
+      jax.grad(lambda w, x: jnp.sum(w * x)),  # gradient: x
+      argnums=1,
+      microbatch_size=1,
+      accumulator=acc,
+    )
+  )
+
+
+@pytest.mark.parametrize("norm, ready", [(1e15, True), (1e18, False)])
+def test_running_sums_out_of_range_refuse_the_step(norm, ready):
+  """40 agreeing microgradients of norm 1e18: their running sum's squared
+  norm overflows float32, and later distances read as 1. Nothing rescales
+  here, so the step is refused instead (issue 19, item 7)."""
+  n = 40
+  rng = np.random.default_rng(helpers.seed_of("stream_range", norm))
+  x = rng.normal(size=(n, 3)) * 0.1 + 1.0
+  x = x / np.linalg.norm(x, axis=1, keepdims=True) * norm
+  x = jnp.asarray(x, jnp.float32)
+  out = _streamed_fn(n)(jnp.zeros(3), x)
+  assert bool(out.ready) == ready
+  if ready:
+    want, accepted, _ = oracle.sequential(oracle.flatten([x]), 0.5)
+    np.testing.assert_array_equal(out.accepted, accepted)
+    np.testing.assert_allclose(out.updates, want, rtol=1e-5)
+  else:
+    np.testing.assert_array_equal(out.updates, 0.0)
