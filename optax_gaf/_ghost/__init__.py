@@ -5,6 +5,8 @@
   gradients.
 - ``layers.py``: one class per layer kind (dense, convolution, embedding,
   opaque), its Gram matrix and weighted sum from those captures.
+- ``leaves.py``: one object per params leaf (ghost, materialize, direct or
+  unused), chosen once, that forms its Gram matrix and weighted sum.
 - ``producer.py``: :class:`GhostMicrogradients` (a placement for ``gaf``)
   and :func:`ghost_microgradients`.
 - ``filtered.py``: :func:`ghost_filtered_grads`, the filter inside the
