@@ -69,89 +69,22 @@ def _placed(grads, params, axis_name, collective, sharded_params):
   return placement, treedef
 
 
-def gaf(
-  tau: _threshold.TauLike = 0.97,
+def _aggregator(
+  policy,
+  rule_fn,
   *,
-  rule: str | rules.Rule = "sequential",
-  num_microbatches: int | None = None,
-  axis_name: _collectives.AxisName | None = None,
-  collective: str = "all_to_all",
-  sharded_params: bool = False,
-  granularity: str = "global",
-  temperature: float | None = None,
-  adaptive_tau: _threshold.AdaptiveTau | None = None,
+  granularity,
+  num_microbatches,
+  axis_name,
+  collective,
+  sharded_params,
 ) -> aggregating.Aggregator:
-  r"""Gradient Agreement Filtering: average only the microgradients that agree.
-
-  Given microgradients ``g_1 .. g_N`` (every leaf ``[N, *param_shape]``, or
-  a producer that is its own placement, such as
-  :class:`GhostMicrogradients`), GAF computes their Gram matrix
-  ``G[i, j] = <g_i, g_j>`` in float32, lets ``rule`` decide from it which
-  ones agree (cosine distances over the whole pytree), and returns their
-  weighted sum in the gradients' dtype.
-
-  Non-finite or zero microgradients are excluded, as if absent. When nothing
-  agrees (or fewer than two are usable), the update is zeros and
-  ``state.ready`` is False, so :func:`optax_gaf.process` skips its
-  postprocessor (a true skip); in ``optax.chain`` the zeros reach the
-  optimizer, whose momentum still moves the parameters.
-
-  A plain transformation before gaf sees the stacked tree as one gradient
-  (a clip acts on all N together); :func:`optax_gaf.per_microgradient`
-  maps it over each microgradient.
-
-  Args:
-    tau: cosine distance threshold in ``[0, 2]`` (2: the plain mean), a
-      schedule of the step count, an :class:`AutoTau` or an
-      :class:`AdaptiveTau` (a threshold policy, ``_threshold.py``).
-    rule: ``"sequential"`` (the paper's), ``"pairwise"``, ``"medoid"``,
-      ``"soft"`` (:mod:`optax_gaf.rules`) or a :class:`~optax_gaf.rules.Rule`.
-    num_microbatches: N (global, with ``axis_name``). When given, the state
-      records ``accepted`` and ``cosine_distance`` ``[N]`` and ``update``
-      checks N; when None those fields are None and any N works.
-    axis_name: None on one device or under ``jax.jit`` over Explicit axes.
-      In ``shard_map``/``pmap`` (or ``jit`` with ``jax.set_mesh``), the mesh
-      axis name(s) the microgradients are spread over: GAF decides over all
-      N, bitwise identically on every device.
-    collective: with ``axis_name``, ``"all_to_all"`` (a ``pmean``'s bytes)
-      or ``"all_gather"``.
-    sharded_params: True when each device passes its shard of the params
-      (FSDP in ``shard_map``); it gets its shard of the update.
-    granularity: ``"global"`` (one decision over the whole pytree) or
-      ``"per_leaf"`` (each parameter tensor filtered on its own).
-    temperature: ``rule="soft"`` only, > 0; None: that rule's own 0.05.
-    adaptive_tau: deprecated: pass ``tau=AdaptiveTau(..., cap=tau)``.
-
-  Returns:
-    An :class:`optax.experimental.aggregating.Aggregator` with
-    :class:`GAFState`.
-
-  Examples:
-    >>> import jax.numpy as jnp, optax, optax_gaf
-    >>> tx = optax.chain(optax_gaf.gaf(tau=0.5, num_microbatches=3),
-    ...                  optax.sgd(1.0))
-    >>> state = tx.init(jnp.zeros(3))
-    >>> grads = jnp.array([[1.0, 0.0, 0.0], [1.0, 0.2, 0.0], [-1.0, 0.0, 0.0]])
-    >>> updates, state = tx.update(grads, state)
-    >>> updates
-    Array([-1. , -0.1, -0. ], dtype=float32)
-    >>> optax_gaf.stats(state)["accepted"]
-    Array([ True,  True, False], dtype=bool)
-
-  References:
-    Chaubard, Eddy and Kochenderfer, `Beyond Gradient Averaging in Parallel
-    Optimization: Improved Robustness through Gradient Agreement Filtering
-    <https://arxiv.org/abs/2412.18052>`_, 2024.
-  """
-  policy = _threshold.threshold_policy(tau, adaptive_tau)
+  """Checks ``gaf``'s other arguments; its ``init_fn`` and ``update_fn``."""
   _placement.check_placement(axis_name, collective, sharded_params)
-  per_leaf = (
-    _checks.choice(granularity, "granularity", ("global", "per_leaf"))
-    == "per_leaf"
-  )
+  choices = ("global", "per_leaf")
+  per_leaf = _checks.choice(granularity, "granularity", choices) == "per_leaf"
   if num_microbatches is not None:
     num_microbatches = _checks.num_microbatches(num_microbatches)
-  rule_fn = _stages.resolve_rule(rule, temperature)
 
   def init_fn(params):
     n_leaves = len(jax.tree.leaves(params)) if per_leaf else 0
@@ -182,3 +115,85 @@ def gaf(
     return treedef.unflatten(updates), new_state
 
   return aggregating.Aggregator(init_fn, update_fn)
+
+
+def gaf(
+  tau: _threshold.TauLike = 0.97,
+  *,
+  rule: str | rules.Rule = "sequential",
+  num_microbatches: int | None = None,
+  axis_name: _collectives.AxisName | None = None,
+  collective: str = "all_to_all",
+  sharded_params: bool = False,
+  granularity: str = "global",
+  temperature: float | None = None,
+  adaptive_tau: _threshold.AdaptiveTau | None = None,
+) -> aggregating.Aggregator:
+  r"""Gradient Agreement Filtering: average only the microgradients that agree.
+
+  Given microgradients ``g_1 .. g_N`` (every leaf ``[N, *param_shape]``, or
+  a producer that is its own placement, such as
+  :class:`GhostMicrogradients`), GAF computes their Gram matrix
+  ``G[i, j] = <g_i, g_j>`` in float32, lets ``rule`` decide from it which
+  ones agree (cosine distances over the whole pytree), and returns their
+  weighted sum in the gradients' dtype.
+
+  Non-finite or zero microgradients are excluded, as if absent. When nothing
+  agrees (or fewer than two are usable), the update is zeros and
+  ``state.ready`` is False, so :func:`optax_gaf.process` skips its
+  postprocessor (a true skip); in ``optax.chain`` the zeros reach the
+  optimizer, whose momentum still moves the parameters.
+
+  A transformation before gaf sees the stacked tree as one gradient; map it
+  over each microgradient with :func:`optax_gaf.per_microgradient`.
+
+  Args:
+    tau: cosine distance threshold in ``[0, 2]`` (2: the plain mean), a
+      schedule of the step count, or an :class:`AutoTau` or
+      :class:`AdaptiveTau` policy.
+    rule: ``"sequential"`` (the paper's), ``"pairwise"``, ``"medoid"``,
+      ``"soft"`` (:mod:`optax_gaf.rules`) or a :class:`~optax_gaf.rules.Rule`.
+    num_microbatches: N (global, with ``axis_name``): the state then records
+      ``accepted`` and ``cosine_distance`` ``[N]``; None: any N.
+    axis_name: None on one device or under ``jax.jit`` over Explicit axes.
+      In ``shard_map``/``pmap`` (or ``jit`` with ``jax.set_mesh``), the mesh
+      axis name(s) the microgradients are spread over: GAF decides over all
+      N, bitwise identically on every device.
+    collective: with ``axis_name``, ``"all_to_all"`` (a ``pmean``'s bytes)
+      or ``"all_gather"``.
+    sharded_params: True when each device passes its shard of the params
+      (FSDP in ``shard_map``); it gets its shard of the update.
+    granularity: ``"global"`` (one decision over the whole pytree) or
+      ``"per_leaf"`` (each parameter tensor filtered on its own).
+    temperature: ``rule="soft"`` only, > 0; None: that rule's own 0.05.
+    adaptive_tau: deprecated: pass ``tau=AdaptiveTau(..., cap=tau)``.
+
+  Returns:
+    An ``optax.experimental.aggregating.Aggregator`` with :class:`GAFState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_gaf
+    >>> tx = optax.chain(optax_gaf.gaf(tau=0.5, num_microbatches=3),
+    ...                  optax.sgd(1.0))
+    >>> state = tx.init(jnp.zeros(3))
+    >>> grads = jnp.array([[1.0, 0.0, 0.0], [1.0, 0.2, 0.0], [-1.0, 0.0, 0.0]])
+    >>> updates, state = tx.update(grads, state)
+    >>> updates
+    Array([-1. , -0.1, -0. ], dtype=float32)
+    >>> optax_gaf.stats(state)["accepted"]
+    Array([ True,  True, False], dtype=bool)
+
+  References:
+    Chaubard, Eddy and Kochenderfer, `Beyond Gradient Averaging in Parallel
+    Optimization: Improved Robustness through Gradient Agreement Filtering
+    <https://arxiv.org/abs/2412.18052>`_, 2024.
+  """
+  return _aggregator(
+    _threshold.threshold_policy(tau, adaptive_tau),
+    _stages.resolve_rule(rule, temperature),
+    granularity=granularity,
+    num_microbatches=num_microbatches,
+    axis_name=axis_name,
+    collective=collective,
+    sharded_params=sharded_params,
+  )

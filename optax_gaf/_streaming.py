@@ -12,6 +12,7 @@ Both entry points return :class:`FilteredGradients`, which
 ``ready`` lets ``aggregating.process`` skip the optimizer).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -161,18 +162,20 @@ def gaf_accumulator(
     filtered = filtered_gradients(updates, out, tau, diversity)
     return filtered._replace(num_microgradients=jnp.minimum(fed, n))
 
-  def aggregate(values):
-    _refuse_filtered(values)
-    leaves, treedef = jax.tree.flatten(values)
-    carry = _running.filter_blocks(leaves, tau, shrink)
-    dtypes = [x.dtype for x in leaves]
-    updates, out, diversity = _running.finish_guarded(carry, shrink, dtypes)
-    filtered = filtered_gradients(
-      treedef.unflatten(updates), out, tau, diversity
-    )
-    return filtered._replace(num_microgradients=jnp.int32(leaves[0].shape[0]))
-
+  aggregate = functools.partial(_filter_stacked, tau=tau, shrink=shrink)
   return optax.microbatching.Accumulator(init, update, finalize, aggregate)
+
+
+def _filter_stacked(values, *, tau, shrink) -> FilteredGradients:
+  """``gaf_accumulator``'s ``aggregate``: stacked microgradients, blocks."""
+  _refuse_filtered(values)
+  leaves, treedef = jax.tree.flatten(values)
+  carry = _running.filter_blocks(leaves, tau, shrink)
+  dtypes = [x.dtype for x in leaves]
+  updates, out, diversity = _running.finish_guarded(carry, shrink, dtypes)
+  updates = treedef.unflatten(updates)
+  filtered = filtered_gradients(updates, out, tau, diversity)
+  return filtered._replace(num_microgradients=jnp.int32(leaves[0].shape[0]))
 
 
 def _absorb_one(state, value, index, n, tau, shrink, guard=True):
