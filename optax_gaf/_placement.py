@@ -46,7 +46,6 @@ class Placement(Protocol):
       ``[n_local, ...]`` inside ``jax.shard_map``/``jax.pmap``, the global
       ``[N, ...]`` arrays under plain ``jax.jit`` and on one device
       (``jax.ShapeDtypeStruct`` for a producer that holds no such arrays).
-    num_microgradients: the global N.
   """
 
   leaves: Sequence[Any]

@@ -120,7 +120,11 @@ def api_page() -> str:
   for module in modules.values():
     for name in _exports(module):
       obj = getattr(module, name, None)
-      if getattr(obj, "__module__", None) == module.__name__:
+      # A public submodule may re-export what a private module defines
+      # (rules.py: _rules.RuleOutput): then it is that object's home.
+      defined = getattr(obj, "__module__", None) or ""
+      private = defined.startswith(f"{PACKAGE}._") and module is not package
+      if defined == module.__name__ or private:
         home[id(obj)] = f"{module.__name__}.{name}"
   top, aliases = [], []
   for name in exports:
