@@ -52,8 +52,7 @@ METHODS: dict[str, Callable[[float, int], Any]] = {
     tau, granularity="per_leaf", num_microbatches=n
   ),
   "gaf-adaptive": lambda tau, n: optax_gaf.gaf(
-    tau,
-    adaptive_tau=optax_gaf.AdaptiveTau(k=1.0, history=256),
+    optax_gaf.AdaptiveTau(k=1.0, history=256, cap=tau),
     num_microbatches=n,
   ),
   # Not GAF: tau is unused.

@@ -253,10 +253,11 @@ def _full_featured_tx():
   return optax_gaf.process(
     optax.identity(),
     optax_gaf.gaf(
-      optax.linear_schedule(0.3, 1.2, 4),
+      optax_gaf.AdaptiveTau(
+        k=1.0, history=8, min_count=2, cap=optax.linear_schedule(0.3, 1.2, 4)
+      ),
       num_microbatches=N,
       granularity="per_leaf",
-      adaptive_tau=optax_gaf.AdaptiveTau(k=1.0, history=8, min_count=2),
     ),
     optax.adamw(1e-2, weight_decay=1e-2),
   )

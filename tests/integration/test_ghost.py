@@ -320,7 +320,7 @@ def near_mean(gram, usable, tau):
     {"rule": "soft", "temperature": 0.1, "num_microbatches": 8},
     {"rule": "sequential", "granularity": "per_leaf", "num_microbatches": 8},
     {"tau": optax_gaf.AutoTau(min_count=2), "num_microbatches": 8},
-    {"adaptive_tau": optax_gaf.AdaptiveTau(k=0.5, history=16, min_count=2)},
+    {"tau": optax_gaf.AdaptiveTau(k=0.5, history=16, min_count=2, cap=1.0)},
     {"tau": optax.linear_schedule(1.2, 0.8, 2)},
   ],
   ids=lambda kw: (

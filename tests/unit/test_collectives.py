@@ -266,9 +266,8 @@ CASES = {
     0.8, rule="soft", granularity="per_leaf", num_microbatches=n, **kw
   ),
   "adaptive_tau": lambda n, **kw: optax_gaf.gaf(
-    1.0,
+    optax_gaf.AdaptiveTau(k=0.5, history=3 * n, cap=1.0),
     num_microbatches=n,
-    adaptive_tau=optax_gaf.AdaptiveTau(k=0.5, history=3 * n),
     **kw,
   ),
   "auto_tau": lambda n, **kw: optax_gaf.gaf(

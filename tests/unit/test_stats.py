@@ -105,7 +105,7 @@ def test_and_mask_without_params_has_no_leaf_fractions():
       {"accepted": (1, N), "leaf_acceptance_rate": (1,)},
     ),
     (
-      lambda: optax_gaf.gaf(0.5, adaptive_tau=optax_gaf.AdaptiveTau()),
+      lambda: optax_gaf.gaf(optax_gaf.AdaptiveTau(cap=0.5)),
       {"tau_history": (256,)},
     ),
     (
@@ -203,7 +203,7 @@ def test_stats_reads_through_any_nesting():
 def test_stats_exposes_per_leaf_and_adaptive_fields():
   tx = optax.chain(
     optax_gaf.gaf(
-      0.9, granularity="per_leaf", adaptive_tau=optax_gaf.AdaptiveTau(history=4)
+      optax_gaf.AdaptiveTau(history=4, cap=0.9), granularity="per_leaf"
     ),
     optax.sgd(0.1),
   )

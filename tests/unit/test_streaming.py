@@ -232,7 +232,7 @@ def test_gaf_refuses_filtered_gradients_and_points_to_streamed():
     optax_gaf.gaf(0.9),
     optax_gaf.gaf(0.9, num_microbatches=N),
     optax_gaf.gaf(0.9, rule="medoid"),
-    optax_gaf.gaf(0.9, adaptive_tau=optax_gaf.AdaptiveTau()),
+    optax_gaf.gaf(optax_gaf.AdaptiveTau(cap=0.9)),
   ):
     with pytest.raises(TypeError, match=r"optax_gaf\.record_filtered\(\)"):
       tx.update(filtered, tx.init(params))

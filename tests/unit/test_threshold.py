@@ -112,7 +112,7 @@ def test_inject_hyperparams_and_schedule():
 def test_adaptive_tau_follows_oracle_over_steps(rule):
   cfg = optax_gaf.AdaptiveTau(k=0.5, history=7, min_count=3)
   tau, n = 1.1, 5
-  tx = optax_gaf.gaf(tau, rule=rule, num_microbatches=n, adaptive_tau=cfg)
+  tx = optax_gaf.gaf(cfg._replace(cap=tau), rule=rule, num_microbatches=n)
   params = {k: jnp.zeros(s) for k, s in zip("wbk", SHAPES)}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -164,6 +164,10 @@ def test_record_distances_keeps_the_last_m_in_order():
   ],
 )
 def test_bad_adaptive_tau(adaptive_tau, error, match):
+  """Refused as tau= and as the deprecated adaptive_tau=, before any warning."""
+  if isinstance(adaptive_tau, optax_gaf.AdaptiveTau):
+    with pytest.raises(error, match=match):
+      optax_gaf.gaf(adaptive_tau)
   with pytest.raises(error, match=match):
     optax_gaf.gaf(0.9, adaptive_tau=adaptive_tau)
 
