@@ -19,6 +19,7 @@ a Flax model adds:
 * **Aux outputs** come back per microbatch, with a leading N axis.
 """
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -132,6 +133,32 @@ def _ghost_grads(one, n, params, rngs, batch, state):
   return ghost_fn(params, (batch, each), state)
 
 
+@contextlib.contextmanager
+def _split_streams(model, n: int):
+  """``nnx.split_rngs(model, splits=n)`` for streams of any key shape.
+
+  Each stream draws one key (a stack of layers made under ``nnx.vmap`` holds
+  ``[L]`` keys: one each) and splits it into ``[N, ...]`` keys with zero
+  counts; leaving the block restores the stream, advanced by one draw.
+  """
+  backups = []
+  for _, stream in nnx.iter_graph(model):
+    if not isinstance(stream, nnx.RngStream):
+      continue
+    key, count = stream.key[...], stream.count[...]
+    backups.append((stream, key, count + 1))
+    flat = jax.vmap(jax.random.fold_in)(key.reshape(-1), count.reshape(-1))
+    keys = jax.vmap(lambda k: jax.random.split(k, n))(flat)  # [K, N]
+    stream.key.set_value(keys.T.reshape(n, *key.shape))
+    stream.count.set_value(jnp.zeros((n, *count.shape), jnp.uint32))
+  try:
+    yield
+  finally:
+    for stream, key, count in backups:
+      stream.key.set_value(key)
+      stream.count.set_value(count)
+
+
 def _refuse_rngs_args(args):
   for a in args:
     if isinstance(a, nnx.Rngs | nnx.RngStream):
@@ -210,9 +237,9 @@ def nnx_microgradients(
   def fn(model, batch, *args):
     _refuse_rngs_args(args)
     micro = split_microbatches(batch, n)
-    # Every stream gets [N] keys inside the block (the split State holds the
-    # Variables themselves); leaving it advances each stream once.
-    with nnx.split_rngs(model, splits=n):
+    # Every stream gets [N, ...] keys inside the block (the split State holds
+    # the Variables themselves); leaving it advances each stream once.
+    with _split_streams(model, n):
       graphdef, params, rngs, rest = nnx.split(model, wrt, nnx.RngState, ...)
 
       def one(params, rngs, b, rest):
