@@ -138,6 +138,27 @@ def test_nnx_optimizer_update_takes_ghost(wrt):
     _close(nnx.state(optimizers[0]), nnx.state(optimizers[1]))
 
 
+def test_nnx_tree_mode_takes_ghost_tree():
+  # graph=False filters with jax's tree_util, which cannot look into the
+  # ghost; its tree() is a plain tree of Param placeholders.
+  with jax.enable_x64(True):
+    batch = _nnx_batch()
+    states = []
+    for ghost in (True, False):
+      model = NnxNet(nnx.Rngs(0))
+      optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param, graph=False)
+      fn = gaf_flax.nnx_microgradients(_mse, N, ghost=ghost)
+
+      @nnx.jit
+      def step(model, optimizer, batch, fn=fn, ghost=ghost):
+        grads = fn(model, batch)[1]
+        optimizer.update(model, grads.tree() if ghost else grads)
+
+      step(model, optimizer, batch)
+      states.append(nnx.state((model, optimizer)))
+    _close(*states)
+
+
 def test_ghost_tree_parts_and_errors():
   with jax.enable_x64(True):
     _, params, batch, loss = _linen_case()
