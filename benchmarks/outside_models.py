@@ -37,6 +37,7 @@ Run from the repository root::
 
   python -m benchmarks.outside_models            # the docs' table
   python -m benchmarks.outside_models --quick    # a smoke run
+  python -m benchmarks.outside_models --resume   # go on from the JSON
 
 It writes ``benchmarks/results/outside_models.md`` (and ``.json``, and the
 plot ``.png``; ``--plot-only`` redraws it from the JSON).
@@ -301,7 +302,10 @@ def plot(rows, path) -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="a smoke run")
-  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument(
+    "--resume", action="store_true", help="keep the rows the JSON has"
+  )
   parser.add_argument("--out", default=RESULTS)
   parser.add_argument(
     "--plot-only", action="store_true", help="redraw the plot from the JSON"
@@ -315,9 +319,18 @@ def main(argv=None):
   if args.quick:
     configs, args.rounds = [(nnx_scan, 8)], min(args.rounds, 2)
   load_before, start = os.getloadavg()[0], time.time()
-  rows = [
-    measure(m, n, args.rounds) for m, n in tqdm(configs, desc="models x N")
-  ]
+  path = os.path.join(args.out, f"{name}.json")
+  rows = []
+  if args.resume and os.path.exists(path):
+    with open(path) as f:
+      rows = json.load(f)
+  done = {(r["model"], r["n"]) for r in rows}
+  for m, n in tqdm(configs, desc="models x N"):
+    if (m.case().name, n) not in done:
+      rows.append(measure(m, n, args.rounds))
+      _common.write_result(args.out, f"{name}.json", json.dumps(rows, indent=1))
+  order = [(m.case().name, n) for m, n in configs]
+  rows.sort(key=lambda r: order.index((r["model"], r["n"])))
   sources = sorted({(r["model"], r["source"]) for r in rows})
   text = (
     "# Per-example GAF on outside models\n\n"
