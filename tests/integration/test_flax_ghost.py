@@ -244,6 +244,8 @@ def test_nnx_ghost_helper_equals_stacked_helper():
     results = []
     for ghost in (True, False):
       model = Dropped(nnx.Rngs(0))
+      stats = nnx.state(model, nnx.BatchStat)  # created in float32
+      nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float64), stats))
       optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
       fn = gaf_flax.nnx_microgradients(
         _dropped_loss, N, has_aux=True, ghost=ghost
