@@ -58,7 +58,9 @@ class GhostMicrogradients:
   ``process``/``chain`` with it) where stacked microgradients would go. It is
   no pytree on purpose: a transform placed before ``gaf`` would otherwise
   treat the captured activations as gradients. It lives inside one traced
-  train step.
+  train step. Code that looks into the gradients before the optimizer
+  (``TrainState.apply_gradients``, ``nnx.Optimizer.update``) gets
+  :meth:`tree`, the params' tree of placeholders, which ``gaf`` also takes.
 
   Attributes:
     num_microbatches: N.
