@@ -258,8 +258,8 @@ def _routes_text(r):
 def table(rows) -> str:
   head = (
     "| model | N | plain step (ms) | microbatch_grads | ghost | target |"
-    " ghost leaves | float64 decisions equal (max cos diff, max param rel"
-    " diff, accepted) |\n|---|---|---|---|---|---|---|---|\n"
+    " ghost leaves | float64 decisions equal (max cos diff as recorded, max"
+    " param rel diff, accepted) |\n|---|---|---|---|---|---|---|---|\n"
   )
   lines = []
   for r in rows:
@@ -340,7 +340,9 @@ def main(argv=None):
     " route (and never slower than `microbatch_grads`). Ghost leaves: how"
     " `ghost_microgradients` forms each leaf (`materialize*`: an Opaque"
     " layer, per-example `jax.vjp`). Decisions: one float64 step of each"
-    " route from the same state.\n\n"
+    " route from the same state: the accepted microbatches, the largest"
+    " difference of the cosine distances `gaf` records (in float32) and of"
+    " the updated parameters (relative, float64).\n\n"
     + table(rows)
     + "\nSources:\n\n"
     + "".join(f"- {m}: {s}\n" for m, s in sources)
