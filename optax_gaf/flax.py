@@ -115,6 +115,20 @@ def _reduce_state(tree, batch_stats):
   return jax.tree.map(reduce, tree)
 
 
+def _route(one, n, ghost, params, rngs, batch, state):
+  """``one(params, rngs, microbatch, state)``'s gradients per microbatch.
+
+  ``rngs`` (leaves ``[N, ...]``, or None) one a microbatch; ``state``
+  shared. Stacked (``vmap``) or, with ``ghost``, the ghost route.
+  """
+  micro = split_microbatches(batch, n)  # checks the batch on both routes
+  if ghost:
+    return _ghost_grads(one, n, params, rngs, batch, state)
+  in_axes = (None, None if rngs is None else 0, 0, None)
+  grad_fn = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes)
+  return grad_fn(params, rngs, micro, state)
+
+
 def _ghost_grads(one, n, params, rngs, batch, state):
   """``one(params, rngs, microbatch, state)`` through the ghost route.
 
@@ -182,10 +196,9 @@ def nnx_microgradients(
   """Per-microbatch losses and gradients of an NNX module, for ``gaf``.
 
   ``fn(model, batch, *args)`` runs ``loss_fn(model, microbatch, *args)`` on
-  each of N microbatches under ``jax.vmap``: parameters (``wrt``) shared and
-  differentiated per microbatch; every RNG stream split N ways (own dropout
-  masks); other state (BatchNorm statistics) reduced by ``batch_stats``.
-  Use it inside ``nnx.jit``.
+  each of N microbatches: parameters (``wrt``) shared and differentiated
+  per microbatch; every RNG stream split N ways (own dropout masks); other
+  state (BatchNorm statistics) reduced by ``batch_stats``. In ``nnx.jit``.
 
   Args:
     loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)``),
@@ -196,16 +209,13 @@ def nnx_microgradients(
       ``"mean"`` averages float leaves (BatchNorm's running statistics),
       others from microbatch 0; an int ``k`` takes microbatch k's.
     wrt: an NNX filter of what to differentiate; default ``nnx.Param``.
-    ghost: ``True``: ``grads`` is a :class:`optax_gaf.GhostMicrogradients`
-      from :func:`optax_gaf.ghost_microgradients` (no N copies of the
-      gradient), with the same RNG streams and state handling; pass it to
-      ``nnx.Optimizer.update`` or ``gaf`` as the stacked gradients.
+    ghost: ``grads`` a :class:`optax_gaf.GhostMicrogradients` (no N copies
+      of the gradient), for ``nnx.Optimizer.update`` or ``gaf``.
 
   Returns:
     ``fn(model, batch, *args) -> (losses, grads)`` (``((losses, aux),
     grads)`` with ``has_aux``): ``[N]`` losses, aux and ``nnx.State``
-    gradients with a leading N axis (or the ghost); ``model``'s state
-    updated in place.
+    gradients (or the ghost) with a leading N axis; ``model`` updated.
 
   Raises:
     TypeError: an ``nnx.Rngs`` in ``args`` (keep streams in the model).
@@ -236,7 +246,6 @@ def nnx_microgradients(
 
   def fn(model, batch, *args):
     _refuse_rngs_args(args)
-    micro = split_microbatches(batch, n)
     # Every stream gets [N, ...] keys inside the block (the split State holds
     # the Variables themselves); leaving it advances each stream once.
     with _split_streams(model, n):
@@ -249,12 +258,7 @@ def nnx_microgradients(
         loss, aux = out if has_aux else (out, None)
         return loss, (aux, nnx.state(m, wrt, nnx.RngState, ...)[2])
 
-      if ghost:
-        out, grads = _ghost_grads(one, n, params, rngs, batch, rest)
-      else:
-        grad_fn = jax.value_and_grad(one, has_aux=True)
-        vmapped = jax.vmap(grad_fn, in_axes=(None, 0, 0, None))
-        out, grads = vmapped(params, rngs, micro, rest)
+      out, grads = _route(one, n, ghost, params, rngs, batch, rest)
     losses, (aux, new_rest) = out
     nnx.update(model, _reduce_state(new_rest, batch_stats))
     return ((losses, aux) if has_aux else losses), grads
@@ -287,9 +291,8 @@ def linen_microgradients(
     has_aux: whether ``loss_fn`` also returns ``aux``.
     batch_stats: ``"mean"`` (average the N updated copies of the
       floating-point state) or an int ``k`` (keep microbatch k's).
-    ghost: ``True``: ``grads`` is a :class:`optax_gaf.GhostMicrogradients`
-      (no N copies of the gradient), for ``TrainState.apply_gradients`` or
-      ``gaf`` as the stacked gradients.
+    ghost: ``grads`` a :class:`optax_gaf.GhostMicrogradients` (no N copies
+      of the gradient), for ``TrainState.apply_gradients`` or ``gaf``.
 
   Returns:
     ``fn(params, model_state, batch, rng, *args) -> (losses, grads,
@@ -325,7 +328,6 @@ def linen_microgradients(
   batch_stats = _check_batch_stats(batch_stats, n)
 
   def fn(params, model_state, batch, rng, *args):
-    micro = split_microbatches(batch, n)
     rngs = None if rng is None else jax.random.split(rng, n)
 
     def one(params, rng, b, model_state):
@@ -333,12 +335,7 @@ def linen_microgradients(
       new_state, aux = out if has_aux else (out, None)
       return loss, (aux, new_state)
 
-    if ghost:
-      out, grads = _ghost_grads(one, n, params, rngs, batch, model_state)
-    else:
-      in_axes = (None, None if rng is None else 0, 0, None)
-      grad_fn = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes)
-      out, grads = grad_fn(params, rngs, micro, model_state)
+    out, grads = _route(one, n, ghost, params, rngs, batch, model_state)
     losses, (aux, new_state) = out
     new_state = _reduce_state(new_state, batch_stats)
     return ((losses, aux) if has_aux else losses), grads, new_state
