@@ -18,6 +18,7 @@ from optax_gaf import _state
 from optax_gaf import _streaming
 from optax_gaf import _threshold
 from optax_gaf import rules
+from optax_gaf._ghost import view as _ghost_view
 from optax_gaf._state import GAFState
 
 __all__ = ("GAFState", "gaf")
@@ -45,6 +46,8 @@ def _check_n(n: int, num_microbatches: int | None) -> None:
 
 def _placed(grads, params, axis_name, collective, sharded_params):
   """``(placement, treedef)`` of stacked or self-placed microgradients."""
+  ghost = _ghost_view.placed(grads)  # a tree of ghost placeholders
+  grads = grads if ghost is None else ghost[0]
   if isinstance(grads, _placement.PlacedMicrogradients):
     if axis_name is not None or sharded_params:
       raise ValueError(

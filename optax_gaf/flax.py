@@ -19,6 +19,7 @@ a Flax model adds:
 * **Aux outputs** come back per microbatch, with a leading N axis.
 """
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from optax_gaf import _checks
+from optax_gaf._ghost.producer import GhostMicrogradients
+from optax_gaf._ghost.producer import NotArraysError
+from optax_gaf._ghost.producer import ghost_microgradients
 from optax_gaf._microbatching import split_microbatches
 
 try:
   from flax import nnx
+  from flax.nnx import graphlib
 except ImportError as e:  # pragma: no cover - exercised without flax only
   raise ImportError(
     "optax_gaf.flax needs Flax, an optional dependency: install it with"
@@ -37,6 +42,41 @@ except ImportError as e:  # pragma: no cover - exercised without flax only
   ) from e
 
 __all__ = ("linen_microgradients", "nnx_microgradients")
+
+
+def _ghost_flatten(ghost):
+  tree = ghost.tree()
+  impl = graphlib.get_node_impl(tree)
+  if impl is None:  # params a single array
+    return [(0, tree)], None
+  return impl.flatten(tree)
+
+
+def _ghost_unflatten(nodes, aux):
+  del nodes, aux
+  raise NotArraysError(
+    "GhostMicrogradients lives inside one traced step: pass it to the"
+    " optimizer there, never out of an nnx.jit."
+  )
+
+
+def _register_ghost() -> None:
+  """``nnx.state(ghost, wrt)`` gives the ghost's ``tree()`` filtered.
+
+  ``nnx.Optimizer.update(model, ghost)`` filters the gradients with
+  ``nnx.state(grads, wrt)`` (NNX's default graph mode); the placeholders
+  keep the params' Variable types and paths, and ``gaf`` takes them as the
+  ghost restricted to those leaves.
+  """
+  registry = getattr(graphlib, "PYTREE_REGISTRY", None)
+  if registry is None or GhostMicrogradients in registry:
+    return
+  graphlib.register_pytree_node_type(
+    GhostMicrogradients, _ghost_flatten, _ghost_unflatten
+  )
+
+
+_register_ghost()
 
 
 def _check_batch_stats(batch_stats, n: int):
@@ -75,6 +115,64 @@ def _reduce_state(tree, batch_stats):
   return jax.tree.map(reduce, tree)
 
 
+def _route(one, n, ghost, params, rngs, batch, state):
+  """``one(params, rngs, microbatch, state)``'s gradients per microbatch.
+
+  ``rngs`` (leaves ``[N, ...]``, or None) one a microbatch; ``state``
+  shared. Stacked (``vmap``) or, with ``ghost``, the ghost route.
+  """
+  micro = split_microbatches(batch, n)  # checks the batch on both routes
+  if ghost:
+    return _ghost_grads(one, n, params, rngs, batch, state)
+  in_axes = (None, None if rngs is None else 0, 0, None)
+  grad_fn = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes)
+  return grad_fn(params, rngs, micro, state)
+
+
+def _ghost_grads(one, n, params, rngs, batch, state):
+  """``one(params, rngs, microbatch, state)`` through the ghost route.
+
+  ``rngs`` (leaves ``[N, ...]``, one a microbatch) travel in the batch:
+  each is repeated over its microbatch's examples, and each microbatch
+  takes its first copy. ``state`` is shared.
+  """
+  size = jax.tree.leaves(batch)[0].shape[0]
+  each = jax.tree.map(lambda x: jnp.repeat(x, size // n, axis=0), rngs)
+
+  def loss(params, b, state):
+    b, rngs = b
+    return one(params, jax.tree.map(lambda x: x[0], rngs), b, state)
+
+  ghost_fn = ghost_microgradients(loss, n, has_aux=True)
+  return ghost_fn(params, (batch, each), state)
+
+
+@contextlib.contextmanager
+def _split_streams(model, n: int):
+  """``nnx.split_rngs(model, splits=n)`` for streams of any key shape.
+
+  Each stream draws one key (a stack of layers made under ``nnx.vmap`` holds
+  ``[L]`` keys: one each) and splits it into ``[N, ...]`` keys with zero
+  counts; leaving the block restores the stream, advanced by one draw.
+  """
+  backups = []
+  for _, stream in nnx.iter_graph(model):
+    if not isinstance(stream, nnx.RngStream):
+      continue
+    key, count = stream.key[...], stream.count[...]
+    backups.append((stream, key, count + 1))
+    flat = jax.vmap(jax.random.fold_in)(key.reshape(-1), count.reshape(-1))
+    keys = jax.vmap(lambda k: jax.random.split(k, n))(flat)  # [K, N]
+    stream.key.set_value(keys.T.reshape(n, *key.shape))
+    stream.count.set_value(jnp.zeros((n, *count.shape), jnp.uint32))
+  try:
+    yield
+  finally:
+    for stream, key, count in backups:
+      stream.key.set_value(key)
+      stream.count.set_value(count)
+
+
 def _refuse_rngs_args(args):
   for a in args:
     if isinstance(a, nnx.Rngs | nnx.RngStream):
@@ -93,14 +191,14 @@ def nnx_microgradients(
   has_aux: bool = False,
   batch_stats: str | int = "mean",
   wrt: Any = None,
+  ghost: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-microbatch losses and gradients of an NNX module, for ``gaf``.
 
   ``fn(model, batch, *args)`` runs ``loss_fn(model, microbatch, *args)`` on
-  each of N microbatches under ``jax.vmap``: parameters (``wrt``) shared and
-  differentiated per microbatch; every RNG stream split N ways (own dropout
-  masks); other state (BatchNorm statistics) reduced by ``batch_stats``.
-  Use it inside ``nnx.jit``.
+  each of N microbatches: parameters (``wrt``) shared and differentiated
+  per microbatch; every RNG stream split N ways (own dropout masks); other
+  state (BatchNorm statistics) reduced by ``batch_stats``. In ``nnx.jit``.
 
   Args:
     loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)``),
@@ -111,11 +209,13 @@ def nnx_microgradients(
       ``"mean"`` averages float leaves (BatchNorm's running statistics),
       others from microbatch 0; an int ``k`` takes microbatch k's.
     wrt: an NNX filter of what to differentiate; default ``nnx.Param``.
+    ghost: ``grads`` a :class:`optax_gaf.GhostMicrogradients` (no N copies
+      of the gradient), for ``nnx.Optimizer.update`` or ``gaf``.
 
   Returns:
     ``fn(model, batch, *args) -> (losses, grads)`` (``((losses, aux),
     grads)`` with ``has_aux``): ``[N]`` losses, aux and ``nnx.State``
-    gradients with a leading N axis; ``model``'s state updated in place.
+    gradients (or the ghost) with a leading N axis; ``model`` updated.
 
   Raises:
     TypeError: an ``nnx.Rngs`` in ``args`` (keep streams in the model).
@@ -146,21 +246,19 @@ def nnx_microgradients(
 
   def fn(model, batch, *args):
     _refuse_rngs_args(args)
-    micro = split_microbatches(batch, n)
-    # Every stream gets [N] keys inside the block (the split State holds the
-    # Variables themselves); leaving it advances each stream once.
-    with nnx.split_rngs(model, splits=n):
+    # Every stream gets [N, ...] keys inside the block (the split State holds
+    # the Variables themselves); leaving it advances each stream once.
+    with _split_streams(model, n):
       graphdef, params, rngs, rest = nnx.split(model, wrt, nnx.RngState, ...)
 
-      def one(params, rngs, b):
+      def one(params, rngs, b, rest):
         # copy=True: fresh Variables in this trace, so BatchNorm may update.
         m = nnx.merge(graphdef, params, rngs, rest, copy=True)
         out = loss_fn(m, b, *args)
         loss, aux = out if has_aux else (out, None)
         return loss, (aux, nnx.state(m, wrt, nnx.RngState, ...)[2])
 
-      grad_fn = jax.value_and_grad(one, has_aux=True)
-      out, grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, rngs, micro)
+      out, grads = _route(one, n, ghost, params, rngs, batch, rest)
     losses, (aux, new_rest) = out
     nnx.update(model, _reduce_state(new_rest, batch_stats))
     return ((losses, aux) if has_aux else losses), grads
@@ -174,6 +272,7 @@ def linen_microgradients(
   *,
   has_aux: bool = False,
   batch_stats: str | int = "mean",
+  ghost: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Per-microbatch losses and gradients of a Linen model with state.
 
@@ -192,13 +291,15 @@ def linen_microgradients(
     has_aux: whether ``loss_fn`` also returns ``aux``.
     batch_stats: ``"mean"`` (average the N updated copies of the
       floating-point state) or an int ``k`` (keep microbatch k's).
+    ghost: ``grads`` a :class:`optax_gaf.GhostMicrogradients` (no N copies
+      of the gradient), for ``TrainState.apply_gradients`` or ``gaf``.
 
   Returns:
     ``fn(params, model_state, batch, rng, *args) -> (losses, grads,
     new_model_state)`` (``((losses, aux), grads, new_model_state)`` with
     ``has_aux``). ``rng`` is split into N keys, one a microbatch (None
     passes None to every microbatch). ``grads`` leaves are
-    ``[N, *param.shape]``; ``new_model_state`` is reduced.
+    ``[N, *param.shape]`` (or the ghost); ``new_model_state`` is reduced.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -226,20 +327,16 @@ def linen_microgradients(
   n = _checks.num_microbatches(num_microbatches, minimum=1)
   batch_stats = _check_batch_stats(batch_stats, n)
 
-  def one(params, model_state, b, rng, *args):
-    loss, out = loss_fn(params, model_state, b, rng, *args)
-    new_state, aux = out if has_aux else (out, None)
-    return loss, (aux, new_state)
-
-  grad_fn = jax.value_and_grad(one, has_aux=True)
-
   def fn(params, model_state, batch, rng, *args):
-    micro = split_microbatches(batch, n)
     rngs = None if rng is None else jax.random.split(rng, n)
-    in_axes = (None, None, 0, None if rng is None else 0) + (None,) * len(args)
-    (losses, (aux, new_state)), grads = jax.vmap(grad_fn, in_axes=in_axes)(
-      params, model_state, micro, rngs, *args
-    )
+
+    def one(params, rng, b, model_state):
+      loss, out = loss_fn(params, model_state, b, rng, *args)
+      new_state, aux = out if has_aux else (out, None)
+      return loss, (aux, new_state)
+
+    out, grads = _route(one, n, ghost, params, rngs, batch, model_state)
+    losses, (aux, new_state) = out
     new_state = _reduce_state(new_state, batch_stats)
     return ((losses, aux) if has_aux else losses), grads, new_state
 

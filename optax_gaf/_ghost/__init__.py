@@ -9,6 +9,9 @@
   unused), chosen once, that forms its Gram matrix and weighted sum.
 - ``producer.py``: :class:`GhostMicrogradients` (a placement for ``gaf``)
   and :func:`ghost_microgradients`.
+- ``view.py``: :meth:`GhostMicrogradients.tree`, the params' tree of
+  placeholders that code indexing the gradients (Flax's update paths) gets,
+  and that ``gaf`` resolves back to the ghost.
 - ``filtered.py``: :func:`ghost_filtered_grads`, the filter inside the
   gradient function.
 """

@@ -22,6 +22,8 @@ matrix and the weighted sum exactly as it asks a device placement, so every
 rule, threshold and state works unchanged.
 """
 
+import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +58,9 @@ class GhostMicrogradients:
   ``process``/``chain`` with it) where stacked microgradients would go. It is
   no pytree on purpose: a transform placed before ``gaf`` would otherwise
   treat the captured activations as gradients. It lives inside one traced
-  train step.
+  train step. Code that looks into the gradients before the optimizer
+  (``TrainState.apply_gradients``, ``nnx.Optimizer.update``) gets
+  :meth:`tree`, the params' tree of placeholders, which ``gaf`` also takes.
 
   Attributes:
     num_microbatches: N.
@@ -83,6 +87,27 @@ class GhostMicrogradients:
     if name.startswith("__"):
       raise AttributeError(name)
     raise NotArraysError(f"{_NOT_ARRAYS} (It has no attribute {name!r}.)")
+
+  def tree(self) -> Any:
+    """The params' tree with a placeholder per leaf; ``gaf`` takes it too.
+
+    Code that indexes or filters the gradients before the optimizer
+    (``nnx.state(grads, nnx.Param)``, ``grads["params"]``) gets this tree;
+    ``gaf`` takes it, or any part of it, as this ghost restricted to those
+    leaves. Its leaves (``GhostLeaf``) are no arrays.
+    """
+    from optax_gaf._ghost import view  # view imports this module
+
+    return view.tree(self)
+
+  def __contains__(self, key) -> bool:
+    # TrainState.apply_gradients asks '"_overwrite_with_gradient" in grads'.
+    from optax_gaf._ghost import view
+
+    return view.contains(self, key)
+
+  def __getitem__(self, key):
+    return self.tree()[key]
 
   @property
   def num_microgradients(self) -> int:
@@ -266,6 +291,8 @@ def ghost_microgradients(
   route = _checks.choice(route, "route", ROUTES)
 
   def fn(params, batch, *args):
+    if "flax.nnx" in sys.modules:  # nnx.Optimizer.update(model, ghost)
+      importlib.import_module("optax_gaf.flax")
     micro = _microbatching.split_microbatches(batch, n)
     micro = jax.tree.map(jnp.asarray, micro)
     one = jax.tree.map(

@@ -1,0 +1,38 @@
+"""benchmarks/outside_models.py runs and writes what the ghost guide shows."""
+
+import json
+
+import jax
+
+from benchmarks import outside_models
+
+
+def test_quick_run_writes_table_json_and_plot(tmp_path):
+  outside_models.main(["--quick", "--rounds", "1", "--out", str(tmp_path)])
+  (row,) = json.loads((tmp_path / "outside_models_quick.json").read_text())
+  assert set(row["time"]) == set(outside_models.ROUTES)
+  assert all(t > 0 for t in row["time"].values())
+  assert row["decisions"]["equal"]
+  assert {route for _, _, route in row["leaves"]} <= {
+    "ghost", "materialize", "materialize*", "direct", "unused",
+  }  # fmt: skip
+  table = (tmp_path / "outside_models_quick.md").read_text()
+  assert "| NNX scan-over-layers MLP | 8 |" in table
+  assert (tmp_path / "outside_models_quick.png").stat().st_size > 0
+
+
+def test_every_case_names_its_source_and_has_a_loss():
+  for module in outside_models.MODULES:
+    case = module.case()
+    assert "@" in case.source  # repository file @ commit (or a package)
+    assert case.name in outside_models.TARGETS
+    params, model_state, batch = case.init(jax.random.key(0), 8)
+    if case.kind == "stateful":
+      out = jax.eval_shape(
+        case.loss, params, model_state, batch, jax.random.key(1)
+      )[0]
+    elif case.kind == "nnx":
+      out = case.loss(params, batch)
+    else:
+      out = jax.eval_shape(case.loss, params, batch)
+    assert out.shape == ()
