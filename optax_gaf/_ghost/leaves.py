@@ -93,13 +93,10 @@ class LayerLeaf:
 
   def max_abs(self):
     """``max|x_n| * max|d_n|``: at least ``max|g_n| / S`` for a layer."""
-    n = self._d.shape[0]
-    d = self._d.reshape(n, -1)
-    scale = jnp.max(jnp.abs(d), axis=1).astype(self._dtype)
+    scale = _gram.max_abs([self._d])[0].astype(self._dtype)
     x = self._others[0]
     if jnp.issubdtype(x.dtype, jnp.inexact):
-      x = x.reshape(n, -1)
-      scale *= jnp.max(jnp.abs(x), axis=1).astype(self._dtype)
+      scale *= _gram.max_abs([x])[0].astype(self._dtype)
     return scale
 
 
@@ -109,10 +106,7 @@ class GhostLayerLeaf(LayerLeaf):
   route = "ghost"
 
   def gram(self, f):
-    others, d = self._others, self._d
-    if f is not None:  # x to at most 1, d takes the rest: g_n becomes f_n g_n
-      others, d = _rescaled_captures(others, d, f)
-    return self._layer.ghost_gram(others, d, self._dtype)
+    return self._layer.ghost_gram(self._others, self._d, self._dtype, f)
 
   def combine(self, w, ok):
     others = [_mask(ok, x) for x in self._others]
@@ -145,18 +139,6 @@ class MaterializedLayerLeaf(LayerLeaf):
     g = _combine.weighted_rows(w, _mask(ok, self.prepare()))
     g = self._layer.to_operand(g, self._d.shape[0])
     return self._site.to_leaf(g, self._aval)
-
-
-def _rescaled_captures(others, d, f):
-  """Captures whose microgradients are ``f_n g_n``, safe from overflow."""
-  x = others[0]
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    return others, _scaled(d, f)
-  used = f.reshape((-1,) + (1,) * (x.ndim - 1)) > 0
-  top = jnp.max(jnp.where(used, jnp.abs(x), 0))
-  top = jnp.where(top > 0, top, 1).astype(f.dtype)
-  x = _scaled(x, jnp.where(f > 0, 1 / top, 0))
-  return [x, *others[1:]], _scaled(d, f * top)
 
 
 def _layer_leaf(site, n: int, route: str):

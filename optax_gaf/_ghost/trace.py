@@ -6,11 +6,12 @@ The only module of optax_gaf that reads jaxpr equations. It traces
 - a **site** leaf is read by exactly one linear operation that a layer class
   of ``layers.py`` is registered for (``dot_general``,
   ``conv_general_dilated``, ``gather``), possibly through reshapes,
-  transposes and dtype casts. Its microgradient is a function of that
-  layer's other operand ``x`` and output gradient ``d`` alone, which
-  :func:`run` captures. Each site holds a typed layer object (the
-  registered class, or :class:`~optax_gaf._ghost.layers.Opaque` where that
-  class declines);
+  transposes and casts to other real floating dtypes (a cast to complex or
+  int makes the leaf direct: :func:`_exact_types`). Its microgradient is a
+  function of that layer's other operand ``x`` and output gradient ``d``
+  alone, which :func:`run` captures. Each site holds a typed layer object
+  (the registered class, or :class:`~optax_gaf._ghost.layers.Opaque` where
+  that class declines);
 - an **unused** leaf has a zero gradient;
 - every other leaf (LayerNorm scales, biases, tied weights, parameters read
   inside a ``scan`` or a custom derivative) is **direct**: autodiff forms its
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from optax_gaf._ghost import embedding  # noqa: F401 (registers gather)
 from optax_gaf._ghost import layers
 
 # Isometries of a tensor: they keep inner products, so a layer that reads a
@@ -115,6 +117,20 @@ def _layer(eqn, param_pos: int) -> layers.Layer:
   return layers.Opaque.from_op(op) if layer is None else layer
 
 
+def _real(v) -> bool:
+  return jnp.issubdtype(v.aval.dtype, jnp.floating)
+
+
+def _exact_types(eqn) -> bool:
+  """Whether a layer's captures give its parameter's gradient as they are:
+  real floating operands and output (integer ids allowed). A complex one
+  would need conjugates, an integer one has no gradient: those go direct."""
+  ins_ok = all(
+    _real(v) or jnp.issubdtype(v.aval.dtype, jnp.integer) for v in eqn.invars
+  )
+  return ins_ok and _real(eqn.outvars[0])
+
+
 def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
   """Follows each parameter leaf through ``jaxpr``, recording its readers.
 
@@ -129,7 +145,7 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
     if not any(src):
       continue
     name = eqn.primitive.name
-    if name in _STRUCTURAL and len(eqn.invars) == 1:
+    if name in _STRUCTURAL and len(eqn.invars) == 1 and _real(eqn.outvars[0]):
       leaf, chain = src[0]
       origins[eqn.outvars[0]] = (leaf, chain + (eqn,))
     elif name in _CALLS and "jaxpr" in eqn.params:
@@ -141,7 +157,11 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
           origins[outer] = inner_origins[v]
     else:
       readers = [k for k, o in enumerate(src) if o]
-      if len(readers) == 1 and readers[0] in layers.param_operands(name):
+      if (
+        len(readers) == 1
+        and readers[0] in layers.param_operands(name)
+        and _exact_types(eqn)
+      ):
         k = readers[0]
         leaf, chain = src[k]
         uses[leaf].append((path + (i,), eqn, k, chain))

@@ -1,0 +1,210 @@
+"""No silent wrong result on the ghost route (issue 26): every gather mode
+and dtype cast the capture accepts has autodiff's Gram matrix, anything else
+takes an exact route, and each misuse gets a message that names the fix.
+
+Each case compares ``ghost_microgradients`` with ``microbatch_grads`` (the
+stacked route) in float64.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_gaf
+from optax_gaf import _gram
+from optax_gaf import rules
+from optax_gaf._ghost import embedding
+from optax_gaf._ghost import layers
+from optax_gaf._ghost import trace
+
+EMB = embedding.Embedding
+
+
+def stacked_gram(loss, n, params, batch, *args):
+  g = optax_gaf.microbatch_grads(loss, n)(params, batch, *args)[1]
+  return _gram.gram(jax.tree.leaves(g))
+
+
+def ghost_gram(loss, n, params, batch, *args, route="auto"):
+  ghost = optax_gaf.ghost_microgradients(loss, n, route=route)
+  return ghost(params, batch, *args)[1].gram()
+
+
+def routes_of(loss, n, params, batch, *args):
+  out = []
+
+  def run(p, b):
+    ghost = optax_gaf.ghost_microgradients(loss, n)(p, b, *args)[1]
+    out[:] = ghost.routes
+    return ghost.gram()
+
+  jax.jit(run)(params, batch)
+  return out
+
+
+def gaf_step(producer, loss, n, params, batch, tau):
+  tx = optax_gaf.gaf(tau, num_microbatches=n)
+
+  @jax.jit
+  def run(p, b):
+    return tx.update(producer(loss, n)(p, b)[1], tx.init(p), p)
+
+  return run(params, batch)
+
+
+def assert_same_step(loss, n, params, batch, tau):
+  got, state = gaf_step(
+    optax_gaf.ghost_microgradients, loss, n, params, batch, tau
+  )
+  want, want_state = gaf_step(
+    optax_gaf.microbatch_grads, loss, n, params, batch, tau
+  )
+  np.testing.assert_array_equal(state.accepted, want_state.accepted)
+  np.testing.assert_allclose(
+    state.cosine_distance, want_state.cosine_distance, rtol=1e-10
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
+    got,
+    want,
+  )
+  return want_state
+
+
+def assert_same_decisions(gram, want_gram, taus):
+  """The sequential rule decides alike from both Gram matrices."""
+  for tau in taus:
+    got = rules.sequential(*_gram.sanitized(gram), tau)
+    want = rules.sequential(*_gram.sanitized(want_gram), tau)
+    np.testing.assert_array_equal(got.accepted, want.accepted, err_msg=tau)
+
+
+def normal(seed, shape, dtype=jnp.float64):
+  return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+# --- gathers: out-of-range ids
+
+
+def padded_bag_loss(p, b):
+  """An embedding bag whose padding id is the vocabulary size."""
+  h = p["table"][b["ids"]].sum(axis=1)
+  return jnp.sum(jnp.sin(h @ p["head"]) * b["t"][:, None])
+
+
+def padded_bag_setup():
+  params = {"table": normal(0, (6, 3)), "head": normal(1, (3, 2))}
+  ids = jnp.array([[0, 2, 6], [2, 6, 1], [5, 6, 6], [1, 3, 2]] * 2)
+  return params, {"ids": ids, "t": jnp.linspace(-1.0, 1.0, 8)}
+
+
+@pytest.mark.parametrize("route", ["ghost", "materialize", "auto"])
+def test_padding_id_past_the_table_is_dropped_as_autodiff_does(route):
+  """``table[ids]`` reads an id past the table clamped, but its gradient
+  drops that row: the Gram matrix must drop it too."""
+  with jax.enable_x64(True):
+    params, batch = padded_bag_setup()
+    want = jax.jit(stacked_gram, static_argnums=(0, 1))(
+      padded_bag_loss, 4, params, batch
+    )
+    got = jax.jit(ghost_gram, static_argnums=(0, 1), static_argnames="route")(
+      padded_bag_loss, 4, params, batch, route=route
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert_same_decisions(got, want, np.linspace(0.5, 1.5, 41))
+    assert_same_step(padded_bag_loss, 4, params, batch, 1.1)
+
+
+@pytest.mark.parametrize(
+  "lookup, kind",
+  [
+    (lambda w, i: w.at[i].get(mode="clip"), EMB),
+    (
+      lambda w, i: w.at[i].get(mode="fill", fill_value=0.0),
+      embedding.Embedding,
+    ),
+    (lambda w, i: w.at[i].get(mode="promise_in_bounds"), EMB),
+    (lambda w, i: w[i], EMB),
+    (
+      lambda w, i: jax.lax.gather(
+        w,
+        i[:, None],
+        jax.lax.GatherDimensionNumbers((1,), (0,), (0,)),
+        (1, 3),
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+      ),
+      layers.Opaque,
+    ),
+  ],
+  ids=["clip", "fill", "promise_in_bounds", "index", "unique"],
+)
+def test_every_gather_mode_matches_autodiff(lookup, kind):
+  """Ids below, inside and past the table, repeated across microbatches."""
+
+  def loss(p, b):
+    return jnp.sum(jnp.sin(lookup(p, b["ids"])) * b["t"])
+
+  with jax.enable_x64(True):
+    table = normal(0, (6, 3))
+    ids = jnp.array([0, 2, 7, 2, 2, -1, 5, 9, 0, 1, -8, 6])
+    if kind is layers.Opaque:  # these gathers promise in-range ids
+      ids = jnp.clip(ids, 0, 5)
+    batch = {"ids": ids, "t": normal(2, (12, 3))}
+    one = {"ids": ids[:3], "t": batch["t"][:3]}
+    (site,) = trace.find_sites(loss, table, one).sites
+    assert type(site.layer) is kind
+    want = jax.jit(stacked_gram, static_argnums=(0, 1))(loss, 4, table, batch)
+    for route in ("ghost", "materialize"):
+      got = jax.jit(ghost_gram, static_argnums=(0, 1), static_argnames="route")(
+        loss, 4, table, batch, route=route
+      )
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --- dtype casts
+
+
+def complex_loss(p, b):
+  """A real parameter cast to complex before a matmul."""
+  y = b["x"] @ p["w"].astype(jnp.complex128)
+  return jnp.sum(jnp.abs(y) ** 2) / 4 + jnp.sum(jnp.real(y * b["t"]))
+
+
+def int_loss(p, b):
+  """Parameters cast to int before an int matmul and a gather."""
+  y = jnp.sin(b["x"] @ p["w"]).sum()
+  counts = b["ids"] @ p["v"].astype(jnp.int32)
+  rows = jnp.take(p["u"].astype(jnp.int32), b["ids"], axis=0)
+  return y + 1e-3 * (counts.sum() + rows.sum()).astype(y.dtype)
+
+
+@pytest.mark.parametrize(
+  "loss", [complex_loss, int_loss], ids=["complex", "int"]
+)
+def test_casts_to_complex_or_int_take_the_direct_route(loss):
+  """Autodiff takes the real part of a complex cast's gradient and gives an
+  int cast none: the leaf goes direct, with autodiff's gradients."""
+  with jax.enable_x64(True):
+    params = {"w": normal(0, (3, 4))}
+    if loss is int_loss:
+      params |= {"u": 9 * normal(5, (3, 2)), "v": 9 * normal(6, (3, 4))}
+    batch = {
+      "x": normal(1, (8, 3)) + 1j * normal(2, (8, 3))
+      if loss is complex_loss
+      else normal(1, (8, 3)),
+      "t": normal(3, (8, 4)) + 1j * normal(4, (8, 4)),
+      "ids": jnp.arange(24).reshape(8, 3) % 3,
+    }
+    want = jax.jit(stacked_gram, static_argnums=(0, 1))(loss, 4, params, batch)
+    for route in ("ghost", "materialize", "auto"):
+      got = jax.jit(ghost_gram, static_argnums=(0, 1), static_argnames="route")(
+        loss, 4, params, batch, route=route
+      )
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    routes = routes_of(loss, 4, params, batch)
+    # complex_loss: w; int_loss: u and v (the int casts), then w (a layer).
+    assert routes[:2] == (
+      ["direct"] if loss is complex_loss else ["direct"] * 2
+    )
