@@ -14,6 +14,7 @@ import pytest
 
 from optax_gaf._ghost import embedding
 from optax_gaf._ghost import layers
+from optax_gaf._ghost import numerics
 from optax_gaf._ghost import trace
 
 N = 4
@@ -234,6 +235,33 @@ class TestEmbedding:
       table = normal(0, (6, 3))
     ids = jnp.array([[0, 2, 7], [2, 2, 1], [5, 9, 0], [1, 3, 2]])
     check_layer(lambda w, i: w[i], table, ids, embedding.Embedding)
+
+
+class TestExactRows:
+  """Every microbatch flagged (``numerics.RATIO = 0``): the rows formed from
+  each microgradient give the same Gram matrix."""
+
+  @pytest.fixture(autouse=True)
+  def flag_all(self, monkeypatch):
+    monkeypatch.setattr(numerics, "RATIO", 0.0)
+
+  def test_dense_with_batch_dimensions(self):
+    with jax.enable_x64(True):
+      w, xs = normal(0, (2, 4, 5)), normal(1, (N, 3, 2, 4))
+    apply = lambda w, x: jnp.einsum("shk,hkj->hsj", x, w)
+    check_layer(apply, w, xs, layers.Dense)
+
+  def test_convolution(self):
+    w, xs = conv_data(CONVS[2][0])
+    check_layer(conv(*CONVS[2]), w, xs, layers.Conv)
+
+  @pytest.mark.parametrize("mode", ["clip", "fill", "promise_in_bounds"])
+  def test_embedding(self, mode):
+    with jax.enable_x64(True):
+      table = normal(0, (6, 3))
+    ids = jnp.array([[0, 2, 7], [2, 2, -1], [5, 9, 0], [1, 3, 2]])
+    lookup = lambda w, i: w.at[i].get(mode=mode, fill_value=0.0)
+    check_layer(lookup, table, ids, embedding.Embedding)
 
 
 class TestOpaque:
