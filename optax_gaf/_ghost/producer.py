@@ -40,8 +40,11 @@ ROUTES = ("auto", "ghost", "materialize")
 _NOT_ARRAYS = (
   "GhostMicrogradients holds layer inputs and output gradients, not stacked"
   " microgradients: pass it straight to optax_gaf.gaf() (or"
-  " process(optax.identity(), gaf(...), opt)). A transform of each"
-  " microgradient before gaf needs optax_gaf.microbatch_grads."
+  " process(optax.identity(), gaf(...), opt)) within the same traced step."
+  " A transform of each microgradient before gaf (optax.scale, clipping),"
+  " a wrapper around gaf (optax.MultiSteps, optax.apply_if_finite: put it"
+  " after gaf in process), adacons, and_mask, or returning it from jax.jit"
+  " need stacked microgradients: use optax_gaf.microbatch_grads."
 )
 
 
@@ -54,7 +57,8 @@ class GhostMicrogradients:
 
   Made by :func:`ghost_microgradients`; pass it to :func:`optax_gaf.gaf` (or
   ``process``/``chain`` with it) where stacked microgradients would go. It is
-  no pytree on purpose: a transform placed before ``gaf`` would otherwise
+  no pytree on purpose (it is registered as one whose flattening raises
+  :class:`NotArraysError`): a transform placed before ``gaf`` would otherwise
   treat the captured activations as gradients. It lives inside one traced
   train step.
 
@@ -131,18 +135,46 @@ class GhostMicrogradients:
     return out
 
 
-def _check_plan(plan, params, has_aux: bool) -> None:
-  for path, x in jax.tree_util.tree_leaves_with_path(params):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+def _no_leaves(ghost):
+  """Its pytree flattening: every tree operation on it (a transform, a
+  wrapper, ``jax.jit``'s outputs) raises, naming the fix."""
+  del ghost
+  raise NotArraysError(_NOT_ARRAYS)
+
+
+jax.tree_util.register_pytree_node(
+  GhostMicrogradients, _no_leaves, lambda aux, children: None
+)
+
+
+def _check_params(params) -> None:
+  """The stacked route's messages, before any trace: odd leaves."""
+  path_leaves = jax.tree_util.tree_leaves_with_path(params)
+  if not path_leaves:
+    raise ValueError(
+      "The params pytree has no leaves, so the microgradients pytree has no"
+      " leaves: there is nothing for GAF to compare."
+    )
+  for path, x in path_leaves:
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      _checks.check_real_dtype(jax.tree_util.keystr(path), x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
         f"ghost_microgradients differentiates every params leaf; leaf"
-        f" {jax.tree_util.keystr(path)} has dtype {jnp.result_type(x)}. Keep"
+        f" {jax.tree_util.keystr(path)} has dtype {dtype}. Keep"
         " non-float state out of params (pass it in the batch or *args)."
       )
-  loss = plan.out_shape[0] if has_aux else plan.out_shape
+
+
+def _check_plan(plan, has_aux: bool) -> None:
   pair = isinstance(plan.out_shape, tuple) and len(plan.out_shape) == 2
   if has_aux and not pair:
-    raise ValueError("With has_aux=True, loss_fn must return (loss, aux).")
+    raise ValueError(
+      "With has_aux=True, loss_fn must return (loss, aux); it returned"
+      f" {plan.out_shape}. Return (loss, aux), or leave has_aux=False."
+    )
+  loss = plan.out_shape[0] if has_aux else plan.out_shape
   if (
     not hasattr(loss, "shape")
     or loss.shape != ()
@@ -152,6 +184,26 @@ def _check_plan(plan, params, has_aux: bool) -> None:
       "loss_fn must return the scalar mean loss of one microbatch"
       f" (with has_aux=True: (loss, aux)); got {loss}."
     )
+
+
+def _static_args(loss_fn, args):
+  """``(fn, arrays)``: ``loss_fn`` with the non-array leaves of ``args``
+  (Python bools, numbers, callables) closed over, as ``microbatch_grads``
+  passes them, and the array leaves as its trailing arguments."""
+  leaves, tree = jax.tree.flatten(args)
+  arrays = [
+    i
+    for i, x in enumerate(leaves)
+    if isinstance(x, jax.Array | np.ndarray | np.generic)
+  ]
+
+  def fn(params, batch, *dynamic):
+    full = list(leaves)
+    for i, x in zip(arrays, dynamic):
+      full[i] = x
+    return loss_fn(params, batch, *tree.unflatten(full))
+
+  return fn, [leaves[i] for i in arrays]
 
 
 def _capture(plan, n, params, micro, args, has_aux):
@@ -271,9 +323,11 @@ def ghost_microgradients(
     one = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro
     )
-    plan = trace.find_sites(loss_fn, params, one, *args)
-    _check_plan(plan, params, has_aux)
-    value, caps, ds, direct = _capture(plan, n, params, micro, args, has_aux)
+    _check_params(params)
+    loss_of, arrays = _static_args(loss_fn, args)
+    plan = trace.find_sites(loss_of, params, one, *arrays)
+    _check_plan(plan, has_aux)
+    value, caps, ds, direct = _capture(plan, n, params, micro, arrays, has_aux)
     caps, ds, direct = _gathered((caps, ds, direct), micro)
     avals = [
       jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))

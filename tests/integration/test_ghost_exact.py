@@ -9,6 +9,7 @@ stacked route) in float64.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_gaf
@@ -208,3 +209,129 @@ def test_casts_to_complex_or_int_take_the_direct_route(loss):
     assert routes[:2] == (
       ["direct"] if loss is complex_loss else ["direct"] * 2
     )
+
+
+# --- odd trees, static arguments and misuse
+
+
+def mlp(p, b):
+  return jnp.mean(jnp.tanh(b["x"] @ p["w"] + p["b"]) ** 2)
+
+
+def mlp_setup():
+  params = {"w": normal(0, (3, 4), jnp.float32), "b": jnp.zeros(4)}
+  return params, {"x": normal(1, (8, 3), jnp.float32)}
+
+
+def test_params_with_no_leaves_get_the_stacked_routes_message():
+  _, batch = mlp_setup()
+  loss = lambda p, b: jnp.mean(b["x"] ** 2)
+  with pytest.raises(ValueError, match="pytree has no leaves"):
+    optax_gaf.ghost_microgradients(loss, 4)({}, batch)
+  _, grads = optax_gaf.microbatch_grads(loss, 4)({}, batch)
+  with pytest.raises(ValueError, match="pytree has no leaves"):
+    optax_gaf.gaf().update(grads, optax_gaf.gaf().init({}))
+
+
+@pytest.mark.parametrize("route", ["ghost", "materialize"])
+def test_zero_size_and_none_leaves_work_as_stacked(route):
+  """A zero-size leaf read by a dot, on a step with a NaN microbatch (the
+  rescaled route, which asks every leaf for its largest entry)."""
+  params, batch = mlp_setup()
+  params |= {"none": None, "z": jnp.zeros((3, 0))}
+  batch["x"] = batch["x"].at[2].set(jnp.nan)
+
+  def loss(p, b):
+    return mlp(p, b) + jnp.sum(b["x"] @ p["z"])
+
+  def step(producer, **kw):
+    tx = optax_gaf.gaf(1.5, num_microbatches=4)
+
+    @jax.jit
+    def run(p, b):
+      grads = producer(loss, 4, **kw)(p, b)[1]
+      return tx.update(grads, tx.init(p), p)
+
+    return run(params, batch)
+
+  got, state = step(optax_gaf.ghost_microgradients, route=route)
+  want, want_state = step(optax_gaf.microbatch_grads)
+  np.testing.assert_array_equal(state.accepted, want_state.accepted)
+  assert got["none"] is None and got["z"].shape == (3, 0)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    got,
+    want,
+  )
+
+
+def test_complex_leaf_gets_the_stacked_routes_message():
+  params, batch = mlp_setup()
+  params["w"] = params["w"].astype(jnp.complex64)
+
+  def loss(p, b):
+    return jnp.mean(jnp.abs(b["x"] @ p["w"]) ** 2)
+
+  with pytest.raises(TypeError, match="is complex .* separate real leaves"):
+    optax_gaf.ghost_microgradients(loss, 4)(params, batch)
+  _, grads = optax_gaf.microbatch_grads(loss, 4)(params, batch)
+  with pytest.raises(TypeError, match="is complex .* separate real leaves"):
+    optax_gaf.gaf().update(grads, optax_gaf.gaf().init(params), params)
+
+
+def test_static_python_arguments_as_microbatch_grads_takes_them():
+  """A Python bool and a callable in *args, closed over per microbatch."""
+  params, batch = mlp_setup()
+
+  def loss(p, b, train, act):
+    h = act(b["x"] @ p["w"] + p["b"])
+    return jnp.mean(h**2) * (2.0 if train else 1.0)
+
+  got = optax_gaf.ghost_microgradients(loss, 4)(params, batch, True, jnp.sin)
+  want = optax_gaf.microbatch_grads(loss, 4)(params, batch, True, jnp.sin)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  g = _gram.gram(jax.tree.leaves(want[1]))
+  np.testing.assert_allclose(got[1].gram(), g, rtol=1e-5)
+
+
+def test_has_aux_with_a_scalar_loss_says_what_to_return():
+  params, batch = mlp_setup()
+  grad_fn = optax_gaf.ghost_microgradients(mlp, 4, has_aux=True)
+  with pytest.raises(ValueError, match=r"has_aux=True, loss_fn must return"):
+    grad_fn(params, batch)
+
+
+_USE_STACKED = "microbatch_grads"
+
+
+@pytest.mark.parametrize(
+  "tx",
+  [
+    lambda: optax.MultiSteps(optax.chain(optax_gaf.gaf(0.9), optax.sgd(1)), 2),
+    lambda: optax.apply_if_finite(
+      optax.chain(optax_gaf.gaf(), optax.sgd(1)), 2
+    ),
+    lambda: optax_gaf.adacons(),
+    lambda: optax_gaf.and_mask(),
+    lambda: optax.chain(optax.scale(2.0), optax_gaf.gaf(0.9)),
+  ],
+  ids=["MultiSteps", "apply_if_finite", "adacons", "and_mask", "scale"],
+)
+def test_transforms_that_need_stacked_microgradients_say_so(tx):
+  params, batch = mlp_setup()
+  tx = tx()
+
+  @jax.jit
+  def step(p, b):
+    _, ghost = optax_gaf.ghost_microgradients(mlp, 4)(p, b)
+    return tx.update(ghost, tx.init(p), p)
+
+  with pytest.raises(TypeError, match=_USE_STACKED):
+    step(params, batch)
+
+
+def test_returning_the_ghost_object_from_jit_says_so():
+  params, batch = mlp_setup()
+  grad_fn = jax.jit(optax_gaf.ghost_microgradients(mlp, 4))
+  with pytest.raises(TypeError, match="same traced step"):
+    grad_fn(params, batch)
