@@ -222,8 +222,9 @@ def safe_gram(
   """
   gram_matrix = placement.gram(per_leaf)
 
-  def plain(gram_matrix):
-    return gram_matrix, jnp.ones(gram_matrix.shape[:-1], gram_matrix.dtype)
+  def plain(gram_matrix):  # ones_like: varying as the matrix is, per device
+    diagonal = jnp.diagonal(gram_matrix, axis1=-2, axis2=-1)
+    return gram_matrix, jnp.ones_like(diagonal)
 
   def rescaled(gram_matrix):
     scales = placement.max_abs()  # [L, N]

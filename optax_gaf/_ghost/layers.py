@@ -95,9 +95,32 @@ def registered(kind: str) -> type["Layer"] | None:
   return _REGISTRY[kind][0] if kind in _REGISTRY else None
 
 
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes ``x`` varies over (inside ``jax.shard_map``)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def varying(x, axes) -> jax.Array:
+  """``x`` marked as varying over ``axes`` too (a no-op outside shard_map).
+
+  A zero perturbation, a broadcast parameter or a vjp's zero primal must vary
+  as the microbatches do: JAX's autodiff would otherwise ``psum`` its
+  gradient over the devices.
+  """
+  missing = tuple(sorted(set(axes) - varying_axes(x), key=str))
+  if not missing:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)
+
+
 def _vjp_zero(fn, aval, cotangent):
   """``fn``'s (linear) vjp at ``cotangent``, taken at zero."""
-  _, vjp = jax.vjp(fn, jnp.zeros(aval.shape, aval.dtype))
+  zero = varying(jnp.zeros(aval.shape, aval.dtype), varying_axes(cotangent))
+  _, vjp = jax.vjp(fn, zero)
   return vjp(cotangent)[0]
 
 

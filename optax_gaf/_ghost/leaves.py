@@ -11,9 +11,11 @@
   only way for an opaque one).
 
 Each has ``gram(f)`` (``f``: None, or the rescaling factors ``[N]``),
-``max_abs()``, ``combine(w, ok)`` (``ok``: None when every row is usable)
-and ``prepare()`` (forms what ``combine`` needs outside ``lax.cond``); its
-``route`` names it in ``GhostMicrogradients.routes``.
+``max_abs()``, ``combine(w, ok)`` (``ok``: None when every row is usable),
+``prepare()`` (forms what ``combine`` needs outside ``lax.cond``) and
+``stacked()`` (its N microgradients, formed, for the collectives of
+``gaf(axis_name=...)``); its ``route`` names it in
+``GhostMicrogradients.routes``.
 """
 
 import jax
@@ -57,6 +59,9 @@ class UnusedLeaf:
     del w, ok
     return jnp.zeros(self._aval.shape, self._aval.dtype)
 
+  def stacked(self):
+    return jnp.zeros((self._n, *self._aval.shape), self._aval.dtype)
+
 
 class DirectLeaf:
   """A leaf with per-microbatch gradients ``g [N, ...]`` from autodiff."""
@@ -79,6 +84,9 @@ class DirectLeaf:
   def combine(self, w, ok):
     return _combine.weighted_rows(w, _mask(ok, self._g))
 
+  def stacked(self):
+    return self._g
+
 
 class LayerLeaf:
   """A leaf read by one layer: its captures ``others`` (x) and ``d``."""
@@ -98,6 +106,18 @@ class LayerLeaf:
     if jnp.issubdtype(x.dtype, jnp.inexact):
       scale *= _gram.max_abs([x])[0].astype(self._dtype)
     return scale
+
+  def _examples(self):
+    return self._layer.per_example(self._others, self._d)
+
+  def stacked(self):
+    """The N microgradients ``[N, *leaf]``, formed (for collectives)."""
+    n = self._d.shape[0]
+
+    def one(g):
+      return self._site.to_leaf(self._layer.to_operand(g, n), self._aval)
+
+    return jax.vmap(one)(self._examples())
 
 
 class GhostLayerLeaf(LayerLeaf):
@@ -123,12 +143,12 @@ class MaterializedLayerLeaf(LayerLeaf):
 
   def __init__(self, *args):
     super().__init__(*args)
-    self._examples = None
+    self._formed = None
 
   def prepare(self):
-    if self._examples is None:
-      self._examples = self._layer.per_example(self._others, self._d)
-    return self._examples
+    if self._formed is None:
+      self._formed = self._examples()
+    return self._formed
 
   def gram(self, f):
     g = self.prepare()

@@ -31,6 +31,7 @@ import numpy as np
 
 from optax_gaf import _checks
 from optax_gaf import _microbatching
+from optax_gaf._ghost import layers
 from optax_gaf._ghost import leaves
 from optax_gaf._ghost import trace
 
@@ -107,6 +108,19 @@ class GhostMicrogradients:
   def max_abs(self) -> jax.Array:
     """``[L, N]`` bounds on each microgradient's largest entry, per leaf."""
     return jnp.stack([leaf.max_abs() for leaf in self._per_leaf])
+
+  def stacked(self) -> list[jax.Array]:
+    """The N microgradients per leaf, ``[N, *param_shape]``, formed.
+
+    N x P numbers, as ``microbatch_grads`` gives them: ``gaf(axis_name=...)``
+    (and ``sharded_params``) hand them to the collectives' plan.
+    """
+    out = [
+      leaf.stacked().astype(a.dtype)
+      for leaf, a in zip(self._per_leaf, self._avals)
+    ]
+    axes = frozenset().union(*map(layers.varying_axes, out))
+    return [layers.varying(x, axes) for x in out]
 
   def combine(self, weights, usable, leaves=None) -> list[jax.Array]:
     """Stage 3: ``sum_n w_n g_n`` per leaf, in each leaf's dtype."""
@@ -215,6 +229,10 @@ def _capture(plan, n, params, micro, args, has_aux):
   outs = [s.layer.out for s in plan.sites]
   zs = [jnp.zeros((n, *o.shape), o.dtype) for o in outs]
   stacked, zs = _shard_like(stacked, micro), _shard_like(zs, micro)
+  # Inside shard_map: per-device gradients, not their psum over devices.
+  axes = _micro_axes(micro)
+  stacked = [layers.varying(x, axes) for x in stacked]
+  zs = [layers.varying(z, axes) for z in zs]
   arg_leaves = jax.tree.leaves(args)
 
   def one(direct, z, mb):
@@ -233,6 +251,11 @@ def _capture(plan, n, params, micro, args, has_aux):
   grad = jax.grad(total, argnums=(0, 1), has_aux=True)
   (direct, ds), (value, caps) = grad(stacked, zs)
   return value, caps, ds, direct
+
+
+def _micro_axes(micro) -> frozenset:
+  """The manual axes the microbatches vary over (inside shard_map)."""
+  return frozenset().union(*map(layers.varying_axes, jax.tree.leaves(micro)))
 
 
 def _batch_axis(micro):
@@ -320,10 +343,16 @@ def ghost_microgradients(
   def fn(params, batch, *args):
     micro = _microbatching.split_microbatches(batch, n)
     micro = jax.tree.map(jnp.asarray, micro)
+    _check_params(params)
     one = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro
     )
-    _check_params(params)
+    # Inside shard_map the params vary as the microbatches do (per device),
+    # and the loss is traced with varying values.
+    axes = _micro_axes(micro)
+    if axes:
+      params = jax.tree.map(lambda x: layers.varying(x, axes), params)
+      one = jax.tree.map(lambda x: x[0], micro)
     loss_of, arrays = _static_args(loss_fn, args)
     plan = trace.find_sites(loss_of, params, one, *arrays)
     _check_plan(plan, has_aux)

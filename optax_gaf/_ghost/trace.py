@@ -67,6 +67,7 @@ class Site:
   def to_leaf(self, operand_grad: jax.Array, leaf_aval) -> jax.Array:
     """Maps a gradient of the layer's parameter operand back to its leaf."""
     zero = jnp.zeros(leaf_aval.shape, leaf_aval.dtype)
+    zero = layers.varying(zero, layers.varying_axes(operand_grad))
     _, vjp = jax.vjp(self.operand_of, zero)
     return vjp(operand_grad.astype(self.layer.operand.dtype))[0]
 
