@@ -335,3 +335,55 @@ def test_returning_the_ghost_object_from_jit_says_so():
   grad_fn = jax.jit(optax_gaf.ghost_microgradients(mlp, 4))
   with pytest.raises(TypeError, match="same traced step"):
     grad_fn(params, batch)
+
+
+# --- per_leaf diagnostics on one scale
+
+
+def oracle_diversity(grads):
+  """float64: sum_i ||g_i||^2 / ||sum_i g_i||^2 over the usable ones."""
+  flat = np.concatenate(
+    [np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in grads], 1
+  )
+  sq = np.sum(flat**2, axis=1)
+  ok = np.isfinite(sq) & (sq > 0)
+  return sq[ok].sum() / np.sum(flat[ok].sum(0) ** 2)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "zero"])
+@pytest.mark.parametrize("producer", ["stacked", "ghost"])
+def test_per_leaf_gradient_diversity_on_a_rescaled_step(bad, producer):
+  """A NaN, inf or zero microbatch sends stage 1 down the rescaled route,
+  which scales each leaf by its own factor: the diversity must still be
+  that of the microgradients themselves."""
+  params = {"w": normal(0, (3, 4), jnp.float32), "v": normal(5, (4, 2))}
+  params["v"] = params["v"].astype(jnp.float32) * 1e3  # leaves far apart
+  batch = {"x": normal(1, (8, 3), jnp.float32), "s": jnp.ones(8)}
+  batch["s"] = (
+    batch["s"].at[2:4].set({"nan": jnp.nan, "inf": jnp.inf}.get(bad, 0.0))
+  )
+
+  def loss(p, b):
+    return jnp.mean(
+      jnp.sin(jnp.tanh(b["x"] @ p["w"]) @ p["v"]) * b["s"][:, None]
+    )
+
+  make = {
+    "stacked": optax_gaf.microbatch_grads,
+    "ghost": optax_gaf.ghost_microgradients,
+  }[producer]
+  tx = optax_gaf.gaf(1.5, granularity="per_leaf", num_microbatches=4)
+
+  @jax.jit
+  def step(p, b):
+    return tx.update(make(loss, 4)(p, b)[1], tx.init(p), p)[1]
+
+  state = step(params, batch)
+  with jax.enable_x64(True):
+    grads = optax_gaf.microbatch_grads(loss, 4)(_f64(params), _f64(batch))[1]
+    want = oracle_diversity(jax.tree.leaves(grads))
+  np.testing.assert_allclose(state.gradient_diversity, want, rtol=1e-4)
+
+
+def _f64(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
