@@ -387,3 +387,43 @@ def test_per_leaf_gradient_diversity_on_a_rescaled_step(bad, producer):
 
 def _f64(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+
+
+# --- jax.checkpoint
+
+
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda f: jax.checkpoint(f),
+    lambda f: jax.checkpoint(
+      f, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    ),
+  ],
+  ids=["remat", "policy"],
+)
+def test_layers_inside_jax_checkpoint_keep_their_ghost_route(wrap):
+  """The whole loss and one block under jax.checkpoint: the layers inside
+  are still found (the re-run keeps the checkpoint), exact in float64."""
+  with jax.enable_x64(True):
+    params = {
+      "w1": normal(0, (3, 5)),
+      "b1": normal(1, (5,)),
+      "w2": normal(2, (5, 2)),
+    }
+    batch = {"x": normal(3, (8, 3)), "t": normal(4, (8, 2))}
+    block = wrap(lambda w, b, x: jnp.tanh(x @ w + b))
+
+    def loss(p, b):
+      h = block(p["w1"], p["b1"], b["x"])
+      return jnp.sum(jnp.sin(h @ p["w2"]) * b["t"])
+
+    for fn in (loss, wrap(loss)):
+      routes = routes_of(fn, 4, params, batch)
+      assert routes[0] == "direct" and "direct" not in routes[1:]
+      want = jax.jit(stacked_gram, static_argnums=(0, 1))(fn, 4, params, batch)
+      for route in ("ghost", "materialize"):
+        got = jax.jit(
+          ghost_gram, static_argnums=(0, 1), static_argnames="route"
+        )(fn, 4, params, batch, route=route)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
