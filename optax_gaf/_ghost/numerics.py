@@ -2,7 +2,7 @@
 
 A ghost Gram entry ``sum_{s,t} (x_ns . x_mt)(d_ns . d_mt)`` squares the
 captures and sums products that may cancel, where the stacked route squares
-only the microgradients. Four exact steps keep it as accurate:
+only the microgradients. Exact steps keep it as accurate:
 
 1. **Scale per microbatch** (:func:`scaled`): each microbatch's inputs and
    output gradients are multiplied by a power of two (exact) that brings
@@ -10,20 +10,21 @@ only the microgradients. Four exact steps keep it as accurate:
    end (:func:`finish`), together with ``safe_gram``'s factors. A microbatch
    whose inputs are 1e20 and output gradients 1e-20 neither overflows nor
    drowns the others.
-2. **Centre the inputs per microbatch** (:func:`matmul_gram`): with
+2. **Bound the rounding** (:func:`flagged`): summing the products of
+   ``g_n = sum_s x_ns d_ns^T`` costs ghost about ``eps * b_n`` on
+   ``||g_n||^2``, with ``b_n = sum_s ||x_ns||^2 ||d_ns||^2`` (token by token,
+   the diagonal of the products), where the stacked route errs relative to
+   ``||g_n||^2`` itself. A microbatch whose tokens cancel (``||g_n||^2 < b_n
+   / RATIO``) is flagged. Only on a step that flags one:
+3. **Centre the inputs per microbatch** (:func:`_centred_gram`): with
    ``mu_n`` the mean input over tokens, ``x_n^T d_n = (x_n - mu_n)^T d_n +
    mu_n delta_n^T`` (``delta_n = sum_s d_ns``) exactly, so inputs with a
-   common offset (pixels in ``[0, 255]``) cancel in no sum. The correction
-   terms cost ``N^2 S (K + J)``, a factor ``S`` below the ghost Gram matrix.
-3. **Bound the rounding** (:func:`flagged`): summing the products of
-   ``g_n = sum_s x_ns d_ns^T`` costs ghost about ``eps * b_n`` on
-   ``||g_n||^2``, with ``b_n = sum_s ||x_ns||^2 ||d_ns||^2`` (token by token),
-   where the stacked route errs relative to ``||g_n||^2`` itself. A
-   microbatch whose tokens cancel (``||g_n||^2 < b_n / RATIO``) is flagged.
-4. **Exact rows** (:func:`with_exact_rows`): a flagged microbatch's
-   microgradient is formed (one at a time, one layer's size) and its row of
-   the Gram matrix is taken from it, as the stacked route would: only on the
-   rare step that has one.
+   common offset (pixels in ``[0, 255]`` under a batch norm) cancel in no
+   sum. The correction is one more token per microbatch.
+4. **Exact rows** (:func:`with_exact_rows`): a microbatch still flagged
+   after centring has its microgradient formed (one at a time, one layer's
+   size) and its row of the Gram matrix taken from it, as the stacked route
+   would.
 """
 
 import jax
@@ -100,33 +101,58 @@ def with_exact_rows(gram, flags, row) -> jax.Array:
     row: ``row(n) -> [N]``, the inner products of microgradient n (formed
       exactly) with every microgradient, its squared norm at ``n``.
   """
+  order = jnp.argsort(~flags, stable=True)  # the flagged ones first
 
-  def fix(gram):
-    def one(n, gram):
-      def replace(gram):
-        r = row(n)
-        return gram.at[n, :].set(r).at[:, n].set(r)
+  def one(carry):
+    i, gram = carry
+    n = order[i]
+    r = row(n)
+    return i + 1, gram.at[n, :].set(r).at[:, n].set(r)
 
-      return jax.lax.cond(flags[n], replace, lambda g: g, gram)
-
-    return jax.lax.fori_loop(0, gram.shape[0], one, gram)
-
-  return jax.lax.cond(jnp.any(flags), fix, lambda g: g, gram)
+  count = jnp.sum(flags)
+  return jax.lax.while_loop(lambda c: c[0] < count, one, (0, gram))[1]
 
 
 def _token_gram(x, d, dtype):
-  """``sum_{h,s,t} (x_nhs . x_mht)(d_nhs . d_mht)``: ``[N, N]``."""
+  """``(sum_{h,s,t} (x_nhs . x_mht)(d_nhs . d_mht) [N, N], b [N])``.
+
+  ``b_n = sum_{h,s} ||x_nhs||^2 ||d_nhs||^2``, the diagonal's products.
+  """
   n, hb, s = x.shape[:3]
   # Tokens of all microbatches as rows of one matrix: plain 2-D matmuls.
   x = x.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
   d = d.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
   prods = jnp.matmul(x, x.swapaxes(1, 2), **_kw(dtype))
   prods *= jnp.matmul(d, d.swapaxes(1, 2), **_kw(dtype))
-  return prods.reshape(hb, n, s, n, s).sum(axis=(0, 2, 4))
+  b = jnp.diagonal(prods, axis1=1, axis2=2).reshape(hb, n, s).sum((0, 2))
+  return prods.reshape(hb, n, s, n, s).sum(axis=(0, 2, 4)), b
+
+
+def _centred_gram(x, d, dtype) -> jax.Array:
+  """The Gram matrix with every microbatch's inputs centred (step 2), and
+  exact rows for those that still lose precision (steps 3, 4).
+
+  The correction ``mu_n delta_n^T`` is one more token of each microbatch
+  (input ``mu_n``, output gradient ``delta_n``).
+  """
+  mu = jnp.mean(x, axis=2, keepdims=True)
+  x = jnp.concatenate([x - mu, mu], axis=2)
+  d = jnp.concatenate([d, jnp.sum(d, axis=2, keepdims=True)], axis=2)
+  gram, b = _token_gram(x, d, dtype)
+
+  def row(n):
+    ein = lambda spec, *ops: jnp.einsum(spec, *ops, **_kw(dtype))
+    g = ein("hsk,hsj->hkj", x[n], d[n])
+    return ein("mhsk,hkj,mhsj->m", x, g, d).at[n].set(jnp.sum(g * g))
+
+  return with_exact_rows(gram, flagged(gram, b), row)
 
 
 def matmul_gram(x, d, dtype, factors=None) -> jax.Array:
   """The Gram matrix of ``g_n = sum_h x_nh^T d_nh`` (steps 1 to 4).
+
+  Centring and exact rows are taken only on a step where the plain ghost
+  sum flags a microbatch: then the matrix is taken again, centred.
 
   Args:
     x: ``[N, Hb, S, K]`` inputs.
@@ -136,25 +162,12 @@ def matmul_gram(x, d, dtype, factors=None) -> jax.Array:
   """
   x, ex = scaled(x, dtype)
   d, ed = scaled(d, dtype)
-  s = x.shape[2]
-  ein = lambda spec, *ops: jnp.einsum(spec, *ops, **_kw(dtype))
-  sq = lambda y: jnp.sum(y * y, axis=-1)
-  if s == 1:  # one token: nothing to centre, nothing cancels
-    x, d = x[:, :, 0], d[:, :, 0]
-    gram = ein("nhk,mhk,nhj,mhj->nm", x, x, d, d)
-    return finish(gram, ex + ed, factors)
-  mu, delta = jnp.mean(x, axis=2), jnp.sum(d, axis=2)  # [N, Hb, K], [.., J]
-  x = x - mu[:, :, None]
-  gram = _token_gram(x, d, dtype)
-  # <x_n^T d_n, mu_m delta_m^T> = sum_{h,s} (x_nhs . mu_mh)(d_nhs . delta_mh)
-  cross = ein("nhsk,mhk,nhsj,mhj->nm", x, mu, d, delta)
-  gram += cross + cross.T + ein("nhk,mhk,nhj,mhj->nm", mu, mu, delta, delta)
-  b = jnp.sum(sq(x) * sq(d), axis=(1, 2)) + jnp.sum(sq(mu) * sq(delta), 1)
-
-  def row(n):
-    g = ein("hsk,hsj->hkj", x[n], d[n]) + ein("hk,hj->hkj", mu[n], delta[n])
-    r = ein("mhsk,hkj,mhsj->m", x, g, d) + ein("mhk,hkj,mhj->m", mu, g, delta)
-    return r.at[n].set(jnp.sum(g * g))
-
-  gram = with_exact_rows(gram, flagged(gram, b), row)
+  gram, b = _token_gram(x, d, dtype)
+  if x.shape[2] > 1:  # one token: nothing to centre, nothing cancels
+    gram = jax.lax.cond(
+      jnp.any(flagged(gram, b)),
+      lambda g: _centred_gram(x, d, dtype),
+      lambda g: g,
+      gram,
+    )
   return finish(gram, ex + ed, factors)
