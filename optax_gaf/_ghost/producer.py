@@ -258,6 +258,20 @@ def _micro_axes(micro) -> frozenset:
   return frozenset().union(*map(layers.varying_axes, jax.tree.leaves(micro)))
 
 
+def _traced_like(params, micro):
+  """``(params, one microbatch)`` to trace the loss with.
+
+  Inside shard_map the params vary as the microbatches do (each device's
+  gradients are its own) and the loss is traced with varying values.
+  """
+  axes = _micro_axes(micro)
+  if axes:
+    params = jax.tree.map(lambda x: layers.varying(x, axes), params)
+    return params, jax.tree.map(lambda x: x[0], micro)
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return params, jax.tree.map(shape, micro)
+
+
 def _batch_axis(micro):
   """The Explicit mesh axes the microbatches are sharded over, or None."""
   spec = getattr(jax.typeof(jax.tree.leaves(micro)[0]).sharding, "spec", ())
@@ -344,15 +358,7 @@ def ghost_microgradients(
     micro = _microbatching.split_microbatches(batch, n)
     micro = jax.tree.map(jnp.asarray, micro)
     _check_params(params)
-    one = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro
-    )
-    # Inside shard_map the params vary as the microbatches do (per device),
-    # and the loss is traced with varying values.
-    axes = _micro_axes(micro)
-    if axes:
-      params = jax.tree.map(lambda x: layers.varying(x, axes), params)
-      one = jax.tree.map(lambda x: x[0], micro)
+    params, one = _traced_like(params, micro)
     loss_of, arrays = _static_args(loss_fn, args)
     plan = trace.find_sites(loss_of, params, one, *arrays)
     _check_plan(plan, has_aux)
