@@ -253,7 +253,9 @@ def _update(
   updates = treedef.unflatten(placement.combine(weights, usable))
   recorded = num_microbatches is not None
   new_state = AdaConsState(
-    **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
+    **_stats.advance_counters(
+      state, ready, _gram.gradient_diversity(gram, factors)
+    ),
     coefficients=alpha.astype(jnp.float32) if recorded else None,
     sorted_momentum=sorted_m.astype(jnp.float32) if recorded else None,
   )

@@ -156,13 +156,15 @@ def _update(
       " with None to record no per-leaf fractions)."
     )
   placement = _placement.resolve_placement(leaves, axis_name, collective)
-  gram, usable, _ = _gram.safe_gram(placement)
+  gram, usable, factors = _gram.safe_gram(placement)
   threshold = _threshold_at(agreement_threshold, state.count)
   out, fractions = _masked_mean(placement, usable, threshold, rescale)
   sizes = np.array([np.prod(x.shape[1:]) for x in leaves], np.float64)
   ready = jnp.any(usable) & jnp.any(fractions > 0)
   new_state = AndMaskState(
-    **_stats.advance_counters(state, ready, _gram.gradient_diversity(gram)),
+    **_stats.advance_counters(
+      state, ready, _gram.gradient_diversity(gram, factors)
+    ),
     agreement_threshold=threshold,
     # Weighted in float32: an int32 count would overflow past 2**31.
     mask_fraction=jnp.sum(

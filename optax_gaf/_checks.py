@@ -116,7 +116,7 @@ def microgradients(grads: Any, params: Any = None) -> int:
   sizes = {}
   for path, x in path_leaves:
     name = jax.tree_util.keystr(path) or "<root>"
-    _check_dtype(name, x)
+    check_real_dtype(name, x)
     if jnp.ndim(x) < 1:
       raise ValueError(
         f"Microgradient leaf {name} is a scalar; every leaf needs a leading"
@@ -152,7 +152,8 @@ def _shaped_like(grads: Any, params: Any) -> bool:
   return all(jnp.shape(g) == jnp.shape(p) for g, p in pairs)
 
 
-def _check_dtype(name: str, x: Any) -> None:
+def check_real_dtype(name: str, x: Any) -> None:
+  """Raises TypeError unless microgradient leaf ``name`` is real floating."""
   dtype = jnp.dtype(getattr(x, "dtype", None) or jnp.result_type(x))
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise TypeError(

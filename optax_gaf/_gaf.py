@@ -49,13 +49,17 @@ def _placed(grads, params, axis_name, collective, sharded_params):
   ghost = _ghost_view.placed(grads)  # a tree of ghost placeholders
   grads = grads if ghost is None else ghost[0]
   if isinstance(grads, _placement.PlacedMicrogradients):
-    if axis_name is not None or sharded_params:
+    if axis_name is None and not sharded_params:
+      return grads, grads.treedef
+    stacked = getattr(grads, "stacked", None)
+    if stacked is None:
       raise ValueError(
-        "ghost_microgradients captures one device's layers; gaf(axis_name="
-        "...) and sharded_params need stacked microgradients from"
-        " microbatch_grads (or use plain jax.jit over sharded arrays)."
+        f"{type(grads).__name__} cannot form its microgradients;"
+        " gaf(axis_name=...) and sharded_params need stacked microgradients"
+        " (microbatch_grads)."
       )
-    return grads, grads.treedef
+    # Across devices: this device's microgradients, formed, for the plan.
+    grads = grads.treedef.unflatten(stacked())
   if isinstance(grads, _streaming.FilteredGradients):
     raise TypeError(
       "gaf() got FilteredGradients, which streaming_filtered_grads or"

@@ -105,11 +105,23 @@ def diversity(sum_sq_norms: jax.Array, sq_norm_of_sum: jax.Array) -> jax.Array:
   return jnp.where(positive, ratio, jnp.inf).astype(jnp.float32)
 
 
-def gradient_diversity(gram_matrix: jax.Array) -> jax.Array:
+def gradient_diversity(gram_matrix: jax.Array, factors=None) -> jax.Array:
   """:func:`diversity` from a sanitized Gram matrix ``[N, N]`` or ``[L, N, N]``.
 
   A stack of per-leaf matrices is summed first (the whole-pytree value).
+
+  Args:
+    gram_matrix: the Gram matrix of ``f_i g_i`` (per leaf: ``f_li g_li``).
+    factors: None, or the factors ``f`` (``[N]``, or ``[L, N]`` per leaf) of
+      :func:`safe_gram`: every entry is brought back to one common scale,
+      ``min f``, before the sum (each leaf's own factor would mix scales).
   """
+  if factors is not None:
+    used = factors > 0
+    common = jnp.min(jnp.where(used, factors, jnp.inf))
+    common = jnp.where(jnp.isfinite(common), common, 1.0)
+    ratio = jnp.where(used, common / jnp.where(used, factors, 1.0), 0.0)
+    gram_matrix = gram_matrix * ratio[..., :, None] * ratio[..., None, :]
   if gram_matrix.ndim == 3:
     gram_matrix = jnp.sum(gram_matrix, axis=0)
   return diversity(jnp.trace(gram_matrix), jnp.sum(gram_matrix))
@@ -222,8 +234,9 @@ def safe_gram(
   """
   gram_matrix = placement.gram(per_leaf)
 
-  def plain(gram_matrix):
-    return gram_matrix, jnp.ones(gram_matrix.shape[:-1], gram_matrix.dtype)
+  def plain(gram_matrix):  # ones_like: varying as the matrix is, per device
+    diagonal = jnp.diagonal(gram_matrix, axis1=-2, axis2=-1)
+    return gram_matrix, jnp.ones_like(diagonal)
 
   def rescaled(gram_matrix):
     scales = placement.max_abs()  # [L, N]

@@ -87,11 +87,13 @@ def stream_decisions(
     dist = jnp.where(is_anchor, 0.0, jnp.where(ok, dist, jnp.nan))
     return (alpha, w, sq, has | ok), (is_anchor | agrees, agrees, dist)
 
+  # From the Gram matrix: inside shard_map it varies as the matrix does.
+  zero = jnp.zeros_like(gram[0, 0])
   init = (
-    jnp.ones([], dtype),
-    jnp.zeros([n], dtype),
-    jnp.asarray(sq_norm, dtype),
-    jnp.asarray(has_anchor, bool),
+    zero + 1,
+    jnp.zeros_like(gram[0]),
+    zero + jnp.asarray(sq_norm, dtype),
+    (zero == 0) & jnp.asarray(has_anchor, bool),
   )
   xs = (jnp.arange(n), gram, cross, jnp.diagonal(gram), usable)
   (alpha, w, sq, has), (taken, agreed, dist) = jax.lax.scan(step, init, xs)

@@ -78,10 +78,10 @@ def apply_rule(rule, gram, usable, tau, per_leaf=False) -> rules.RuleOutput:
 
 def by_gram(placement, rule, tau, per_leaf=False):
   """Stages 1-3 through the Gram matrix."""
-  gram, usable, _ = _gram.safe_gram(placement, per_leaf)
+  gram, usable, factors = _gram.safe_gram(placement, per_leaf)
   out = apply_rule(rule, gram, usable, tau, per_leaf)
   updates = placement.combine(out.weights, usable)
-  return updates, out, _gram.gradient_diversity(gram)
+  return updates, out, _gram.gradient_diversity(gram, factors)
 
 
 def aggregate(placement, rule, tau, *, per_leaf=False, blocks=True):

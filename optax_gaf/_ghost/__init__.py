@@ -3,8 +3,11 @@
 - ``trace.py``: the only reader of jaxpr equations; finds the layer that
   reads each parameter, and re-runs the loss capturing its inputs and output
   gradients.
-- ``layers.py``: one class per layer kind (dense, convolution, embedding,
-  opaque), its Gram matrix and weighted sum from those captures.
+- ``layers.py``: one class per layer kind (dense, convolution, opaque; the
+  embedding lookup in ``embedding.py``), its Gram matrix and weighted sum
+  from those captures.
+- ``numerics.py``: the ghost Gram matrix in float range and to the stacked
+  route's precision (per-microbatch scaling, centring, exact rows).
 - ``leaves.py``: one object per params leaf (ghost, materialize, direct or
   unused), chosen once, that forms its Gram matrix and weighted sum.
 - ``producer.py``: :class:`GhostMicrogradients` (a placement for ``gaf``)

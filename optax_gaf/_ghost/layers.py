@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_gaf import _gram
+from optax_gaf._ghost import numerics
 
 Shape = tuple[int, ...]
 
@@ -95,9 +95,32 @@ def registered(kind: str) -> type["Layer"] | None:
   return _REGISTRY[kind][0] if kind in _REGISTRY else None
 
 
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes ``x`` varies over (inside ``jax.shard_map``)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def varying(x, axes) -> jax.Array:
+  """``x`` marked as varying over ``axes`` too (a no-op outside shard_map).
+
+  A zero perturbation, a broadcast parameter or a vjp's zero primal must vary
+  as the microbatches do: JAX's autodiff would otherwise ``psum`` its
+  gradient over the devices.
+  """
+  missing = tuple(sorted(set(axes) - varying_axes(x), key=str))
+  if not missing:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)
+
+
 def _vjp_zero(fn, aval, cotangent):
   """``fn``'s (linear) vjp at ``cotangent``, taken at zero."""
-  _, vjp = jax.vjp(fn, jnp.zeros(aval.shape, aval.dtype))
+  zero = varying(jnp.zeros(aval.shape, aval.dtype), varying_axes(cotangent))
+  _, vjp = jax.vjp(fn, zero)
   return vjp(cotangent)[0]
 
 
@@ -127,8 +150,11 @@ class Layer:
     """FLOPs of ``(ghost Gram or None, forming N microgradients + Gram)``."""
     return None, n * n * math.prod(self.operand.shape)
 
-  def ghost_gram(self, others, d, dtype) -> jax.Array:
-    """``[N, N]`` Gram matrix from the captures alone (when costs has one)."""
+  def ghost_gram(self, others, d, dtype, factors=None) -> jax.Array:
+    """``[N, N]`` Gram matrix from the captures alone (when costs has one).
+
+    With ``factors`` (``safe_gram``'s ``[N]``), that of ``f_n g_n``.
+    """
     raise NotImplementedError(f"{type(self).__name__} has no ghost Gram.")
 
   def per_example(self, others, d) -> jax.Array:
@@ -155,10 +181,6 @@ class Layer:
 class Opaque(Layer):
   """A layer with no maths of its own (a grouped convolution, a gather that
   is no embedding lookup): per-example ``jax.vjp``, no ghost Gram."""
-
-
-def _kw(dtype):
-  return {"precision": _gram.PRECISION, "preferred_element_type": dtype}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -195,15 +217,9 @@ class Matmul(Layer):
     p = math.prod(self.operand.shape)
     return hb * (n * s) ** 2 * (k + j), n * hb * s * k * j + n * n * p
 
-  def ghost_gram(self, others, d, dtype):
+  def ghost_gram(self, others, d, dtype, factors=None):
     x, d = self._canonical(others, d)
-    n, hb, s = x.shape[:3]
-    # Tokens of all microbatches as rows of one matrix: plain 2-D matmuls.
-    x = x.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
-    d = d.transpose(1, 0, 2, 3).reshape(hb, n * s, -1)
-    prods = jnp.matmul(x, x.swapaxes(1, 2), **_kw(dtype))
-    prods *= jnp.matmul(d, d.swapaxes(1, 2), **_kw(dtype))
-    return prods.reshape(hb, n, s, n, s).sum(axis=(0, 2, 4))
+    return numerics.matmul_gram(x, d, dtype, factors)
 
   def per_example(self, others, d):
     if not self.as_matmuls(d.shape[0]):
@@ -363,70 +379,3 @@ class Conv(Matmul):
       limit = [x.shape[0], *limit, x.shape[-1]]
       views.append(jax.lax.slice(x, start, limit, (1, *self.strides, 1)))
     return jnp.concatenate(views, axis=-1)
-
-
-def is_embedding_lookup(op: LinearOp) -> bool:
-  """Whether a gather is ``table[ids]``: whole rows of the parameter."""
-  dn = op.params["dimension_numbers"]
-  table = op.operand.shape
-  out_rank = len(op.out.shape)
-  return (
-    op.param_pos == 0
-    and tuple(dn.collapsed_slice_dims) == (0,)
-    and tuple(dn.start_index_map) == (0,)
-    and not dn.operand_batching_dims
-    and tuple(op.params["slice_sizes"]) == (1, *table[1:])
-    and tuple(dn.offset_dims)
-    == tuple(range(out_rank - len(table) + 1, out_rank))
-    and op.ins[1].shape[-1] == 1
-  )
-
-
-@register("gather", operands=(0,))
-@dataclasses.dataclass(frozen=True, eq=False)
-class Embedding(Layer):
-  """An embedding lookup ``table[ids]``; other gathers are :class:`Opaque`.
-
-  Its microgradients are formed by ``jax.vjp`` (a scatter-add per example).
-
-  Attributes:
-    lookups: the ids looked up per microbatch.
-    fill_or_drop: whether an out-of-range id reads nothing; otherwise it is
-      clipped to the table (``clip`` and ``promise_in_bounds`` modes).
-  """
-
-  lookups: int
-  fill_or_drop: bool
-
-  @classmethod
-  def from_op(cls, op):
-    if not is_embedding_lookup(op):
-      return None
-    return cls(
-      op.operand,
-      op.out,
-      op.apply,
-      lookups=math.prod(op.ins[1].shape[:-1]),
-      fill_or_drop=op.params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP,
-    )
-
-  def costs(self, n):
-    width = math.prod(self.operand.shape[1:])
-    p = math.prod(self.operand.shape)
-    ghost = (n * self.lookups) ** 2 * width
-    return ghost, n * self.lookups * width + n * n * p
-
-  def ghost_gram(self, others, d, dtype):
-    """``sum_{s,t} [ids_ns == ids_mt] (d_ns . d_mt)`` over valid ids."""
-    n = d.shape[0]
-    ids = others[0][..., 0].reshape(n, -1)
-    rows = self.operand.shape[0]
-    if self.fill_or_drop:
-      valid = (ids >= 0) & (ids < rows)
-    else:
-      ids, valid = jnp.clip(ids, 0, rows - 1), jnp.ones(ids.shape, bool)
-    d = d.reshape(n * ids.shape[1], -1)
-    dd = jnp.matmul(d, d.T, **_kw(dtype)).reshape(n, ids.shape[1], n, -1)
-    same = ids[:, :, None, None] == ids[None, None, :, :]
-    same &= valid[:, :, None, None] & valid[None, None, :, :]
-    return jnp.sum(jnp.where(same, dd, 0), axis=(1, 3))

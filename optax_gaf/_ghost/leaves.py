@@ -11,9 +11,11 @@
   only way for an opaque one).
 
 Each has ``gram(f)`` (``f``: None, or the rescaling factors ``[N]``),
-``max_abs()``, ``combine(w, ok)`` (``ok``: None when every row is usable)
-and ``prepare()`` (forms what ``combine`` needs outside ``lax.cond``); its
-``route`` names it in ``GhostMicrogradients.routes``.
+``max_abs()``, ``combine(w, ok)`` (``ok``: None when every row is usable),
+``prepare()`` (forms what ``combine`` needs outside ``lax.cond``) and
+``stacked()`` (its N microgradients, formed, for the collectives of
+``gaf(axis_name=...)``); its ``route`` names it in
+``GhostMicrogradients.routes``.
 """
 
 import jax
@@ -57,6 +59,9 @@ class UnusedLeaf:
     del w, ok
     return jnp.zeros(self._aval.shape, self._aval.dtype)
 
+  def stacked(self):
+    return jnp.zeros((self._n, *self._aval.shape), self._aval.dtype)
+
 
 class DirectLeaf:
   """A leaf with per-microbatch gradients ``g [N, ...]`` from autodiff."""
@@ -79,6 +84,9 @@ class DirectLeaf:
   def combine(self, w, ok):
     return _combine.weighted_rows(w, _mask(ok, self._g))
 
+  def stacked(self):
+    return self._g
+
 
 class LayerLeaf:
   """A leaf read by one layer: its captures ``others`` (x) and ``d``."""
@@ -93,14 +101,23 @@ class LayerLeaf:
 
   def max_abs(self):
     """``max|x_n| * max|d_n|``: at least ``max|g_n| / S`` for a layer."""
-    n = self._d.shape[0]
-    d = self._d.reshape(n, -1)
-    scale = jnp.max(jnp.abs(d), axis=1).astype(self._dtype)
+    scale = _gram.max_abs([self._d])[0].astype(self._dtype)
     x = self._others[0]
     if jnp.issubdtype(x.dtype, jnp.inexact):
-      x = x.reshape(n, -1)
-      scale *= jnp.max(jnp.abs(x), axis=1).astype(self._dtype)
+      scale *= _gram.max_abs([x])[0].astype(self._dtype)
     return scale
+
+  def _examples(self):
+    return self._layer.per_example(self._others, self._d)
+
+  def stacked(self):
+    """The N microgradients ``[N, *leaf]``, formed (for collectives)."""
+    n = self._d.shape[0]
+
+    def one(g):
+      return self._site.to_leaf(self._layer.to_operand(g, n), self._aval)
+
+    return jax.vmap(one)(self._examples())
 
 
 class GhostLayerLeaf(LayerLeaf):
@@ -109,10 +126,7 @@ class GhostLayerLeaf(LayerLeaf):
   route = "ghost"
 
   def gram(self, f):
-    others, d = self._others, self._d
-    if f is not None:  # x to at most 1, d takes the rest: g_n becomes f_n g_n
-      others, d = _rescaled_captures(others, d, f)
-    return self._layer.ghost_gram(others, d, self._dtype)
+    return self._layer.ghost_gram(self._others, self._d, self._dtype, f)
 
   def combine(self, w, ok):
     others = [_mask(ok, x) for x in self._others]
@@ -129,12 +143,12 @@ class MaterializedLayerLeaf(LayerLeaf):
 
   def __init__(self, *args):
     super().__init__(*args)
-    self._examples = None
+    self._formed = None
 
   def prepare(self):
-    if self._examples is None:
-      self._examples = self._layer.per_example(self._others, self._d)
-    return self._examples
+    if self._formed is None:
+      self._formed = self._examples()
+    return self._formed
 
   def gram(self, f):
     g = self.prepare()
@@ -145,18 +159,6 @@ class MaterializedLayerLeaf(LayerLeaf):
     g = _combine.weighted_rows(w, _mask(ok, self.prepare()))
     g = self._layer.to_operand(g, self._d.shape[0])
     return self._site.to_leaf(g, self._aval)
-
-
-def _rescaled_captures(others, d, f):
-  """Captures whose microgradients are ``f_n g_n``, safe from overflow."""
-  x = others[0]
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    return others, _scaled(d, f)
-  used = f.reshape((-1,) + (1,) * (x.ndim - 1)) > 0
-  top = jnp.max(jnp.where(used, jnp.abs(x), 0))
-  top = jnp.where(top > 0, top, 1).astype(f.dtype)
-  x = _scaled(x, jnp.where(f > 0, 1 / top, 0))
-  return [x, *others[1:]], _scaled(d, f * top)
 
 
 def _layer_leaf(site, n: int, route: str):

@@ -33,6 +33,7 @@ import numpy as np
 
 from optax_gaf import _checks
 from optax_gaf import _microbatching
+from optax_gaf._ghost import layers
 from optax_gaf._ghost import leaves
 from optax_gaf._ghost import trace
 
@@ -42,8 +43,11 @@ ROUTES = ("auto", "ghost", "materialize")
 _NOT_ARRAYS = (
   "GhostMicrogradients holds layer inputs and output gradients, not stacked"
   " microgradients: pass it straight to optax_gaf.gaf() (or"
-  " process(optax.identity(), gaf(...), opt)). A transform of each"
-  " microgradient before gaf needs optax_gaf.microbatch_grads."
+  " process(optax.identity(), gaf(...), opt)) within the same traced step."
+  " A transform of each microgradient before gaf (optax.scale, clipping),"
+  " a wrapper around gaf (optax.MultiSteps, optax.apply_if_finite: put it"
+  " after gaf in process), adacons, and_mask, or returning it from jax.jit"
+  " need stacked microgradients: use optax_gaf.microbatch_grads."
 )
 
 
@@ -56,7 +60,8 @@ class GhostMicrogradients:
 
   Made by :func:`ghost_microgradients`; pass it to :func:`optax_gaf.gaf` (or
   ``process``/``chain`` with it) where stacked microgradients would go. It is
-  no pytree on purpose: a transform placed before ``gaf`` would otherwise
+  no pytree on purpose (it is registered as one whose flattening raises
+  :class:`NotArraysError`): a transform placed before ``gaf`` would otherwise
   treat the captured activations as gradients. It lives inside one traced
   train step. Code that looks into the gradients before the optimizer
   (``TrainState.apply_gradients``, ``nnx.Optimizer.update``) gets
@@ -129,6 +134,19 @@ class GhostMicrogradients:
     """``[L, N]`` bounds on each microgradient's largest entry, per leaf."""
     return jnp.stack([leaf.max_abs() for leaf in self._per_leaf])
 
+  def stacked(self) -> list[jax.Array]:
+    """The N microgradients per leaf, ``[N, *param_shape]``, formed.
+
+    N x P numbers, as ``microbatch_grads`` gives them: ``gaf(axis_name=...)``
+    (and ``sharded_params``) hand them to the collectives' plan.
+    """
+    out = [
+      leaf.stacked().astype(a.dtype)
+      for leaf, a in zip(self._per_leaf, self._avals)
+    ]
+    axes = frozenset().union(*map(layers.varying_axes, out))
+    return [layers.varying(x, axes) for x in out]
+
   def combine(self, weights, usable, leaves=None) -> list[jax.Array]:
     """Stage 3: ``sum_n w_n g_n`` per leaf, in each leaf's dtype."""
     if leaves is not None:
@@ -156,18 +174,46 @@ class GhostMicrogradients:
     return out
 
 
-def _check_plan(plan, params, has_aux: bool) -> None:
-  for path, x in jax.tree_util.tree_leaves_with_path(params):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+def _no_leaves(ghost):
+  """Its pytree flattening: every tree operation on it (a transform, a
+  wrapper, ``jax.jit``'s outputs) raises, naming the fix."""
+  del ghost
+  raise NotArraysError(_NOT_ARRAYS)
+
+
+jax.tree_util.register_pytree_node(
+  GhostMicrogradients, _no_leaves, lambda aux, children: None
+)
+
+
+def _check_params(params) -> None:
+  """The stacked route's messages, before any trace: odd leaves."""
+  path_leaves = jax.tree_util.tree_leaves_with_path(params)
+  if not path_leaves:
+    raise ValueError(
+      "The params pytree has no leaves, so the microgradients pytree has no"
+      " leaves: there is nothing for GAF to compare."
+    )
+  for path, x in path_leaves:
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      _checks.check_real_dtype(jax.tree_util.keystr(path), x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
         f"ghost_microgradients differentiates every params leaf; leaf"
-        f" {jax.tree_util.keystr(path)} has dtype {jnp.result_type(x)}. Keep"
+        f" {jax.tree_util.keystr(path)} has dtype {dtype}. Keep"
         " non-float state out of params (pass it in the batch or *args)."
       )
-  loss = plan.out_shape[0] if has_aux else plan.out_shape
+
+
+def _check_plan(plan, has_aux: bool) -> None:
   pair = isinstance(plan.out_shape, tuple) and len(plan.out_shape) == 2
   if has_aux and not pair:
-    raise ValueError("With has_aux=True, loss_fn must return (loss, aux).")
+    raise ValueError(
+      "With has_aux=True, loss_fn must return (loss, aux); it returned"
+      f" {plan.out_shape}. Return (loss, aux), or leave has_aux=False."
+    )
+  loss = plan.out_shape[0] if has_aux else plan.out_shape
   if (
     not hasattr(loss, "shape")
     or loss.shape != ()
@@ -179,6 +225,26 @@ def _check_plan(plan, params, has_aux: bool) -> None:
     )
 
 
+def _static_args(loss_fn, args):
+  """``(fn, arrays)``: ``loss_fn`` with the non-array leaves of ``args``
+  (Python bools, numbers, callables) closed over, as ``microbatch_grads``
+  passes them, and the array leaves as its trailing arguments."""
+  leaves, tree = jax.tree.flatten(args)
+  arrays = [
+    i
+    for i, x in enumerate(leaves)
+    if isinstance(x, jax.Array | np.ndarray | np.generic)
+  ]
+
+  def fn(params, batch, *dynamic):
+    full = list(leaves)
+    for i, x in zip(arrays, dynamic):
+      full[i] = x
+    return loss_fn(params, batch, *tree.unflatten(full))
+
+  return fn, [leaves[i] for i in arrays]
+
+
 def _capture(plan, n, params, micro, args, has_aux):
   """One vmapped forward and backward: losses, aux and the layer captures."""
   leaves = jax.tree.leaves(params)
@@ -188,6 +254,10 @@ def _capture(plan, n, params, micro, args, has_aux):
   outs = [s.layer.out for s in plan.sites]
   zs = [jnp.zeros((n, *o.shape), o.dtype) for o in outs]
   stacked, zs = _shard_like(stacked, micro), _shard_like(zs, micro)
+  # Inside shard_map: per-device gradients, not their psum over devices.
+  axes = _micro_axes(micro)
+  stacked = [layers.varying(x, axes) for x in stacked]
+  zs = [layers.varying(z, axes) for z in zs]
   arg_leaves = jax.tree.leaves(args)
 
   def one(direct, z, mb):
@@ -206,6 +276,25 @@ def _capture(plan, n, params, micro, args, has_aux):
   grad = jax.grad(total, argnums=(0, 1), has_aux=True)
   (direct, ds), (value, caps) = grad(stacked, zs)
   return value, caps, ds, direct
+
+
+def _micro_axes(micro) -> frozenset:
+  """The manual axes the microbatches vary over (inside shard_map)."""
+  return frozenset().union(*map(layers.varying_axes, jax.tree.leaves(micro)))
+
+
+def _traced_like(params, micro):
+  """``(params, one microbatch)`` to trace the loss with.
+
+  Inside shard_map the params vary as the microbatches do (each device's
+  gradients are its own) and the loss is traced with varying values.
+  """
+  axes = _micro_axes(micro)
+  if axes:
+    params = jax.tree.map(lambda x: layers.varying(x, axes), params)
+    return params, jax.tree.map(lambda x: x[0], micro)
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return params, jax.tree.map(shape, micro)
 
 
 def _batch_axis(micro):
@@ -295,12 +384,12 @@ def ghost_microgradients(
       importlib.import_module("optax_gaf.flax")
     micro = _microbatching.split_microbatches(batch, n)
     micro = jax.tree.map(jnp.asarray, micro)
-    one = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro
-    )
-    plan = trace.find_sites(loss_fn, params, one, *args)
-    _check_plan(plan, params, has_aux)
-    value, caps, ds, direct = _capture(plan, n, params, micro, args, has_aux)
+    _check_params(params)
+    params, one = _traced_like(params, micro)
+    loss_of, arrays = _static_args(loss_fn, args)
+    plan = trace.find_sites(loss_of, params, one, *arrays)
+    _check_plan(plan, has_aux)
+    value, caps, ds, direct = _capture(plan, n, params, micro, arrays, has_aux)
     caps, ds, direct = _gathered((caps, ds, direct), micro)
     avals = [
       jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))

@@ -6,18 +6,20 @@ The only module of optax_gaf that reads jaxpr equations. It traces
 - a **site** leaf is read by exactly one linear operation that a layer class
   of ``layers.py`` is registered for (``dot_general``,
   ``conv_general_dilated``, ``gather``), possibly through reshapes,
-  transposes and dtype casts. Its microgradient is a function of that
-  layer's other operand ``x`` and output gradient ``d`` alone, which
-  :func:`run` captures. Each site holds a typed layer object (the
-  registered class, or :class:`~optax_gaf._ghost.layers.Opaque` where that
-  class declines);
+  transposes and casts to other real floating dtypes (a cast to complex or
+  int makes the leaf direct: :func:`_exact_types`). Its microgradient is a
+  function of that layer's other operand ``x`` and output gradient ``d``
+  alone, which :func:`run` captures. Each site holds a typed layer object
+  (the registered class, or :class:`~optax_gaf._ghost.layers.Opaque` where
+  that class declines);
 - an **unused** leaf has a zero gradient;
 - every other leaf (LayerNorm scales, biases, tied weights, parameters read
   inside a ``scan`` or a custom derivative) is **direct**: autodiff forms its
   per-microbatch gradients, one copy of that leaf per microbatch.
 
-Nested ``jit`` calls are followed, so layers wrapped by ``jnp.take`` or a
-jitted block are found too.
+Nested ``jit`` calls and ``jax.checkpoint`` regions are followed, so layers
+wrapped by ``jnp.take``, a jitted block or a rematerialized block are found
+too; a checkpoint is re-run as a checkpoint, so it still saves its memory.
 """
 
 import dataclasses
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from optax_gaf._ghost import embedding  # noqa: F401 (registers gather)
 from optax_gaf._ghost import layers
 
 # Isometries of a tensor: they keep inner products, so a layer that reads a
@@ -36,6 +39,8 @@ _STRUCTURAL = frozenset(
   {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims"}
 )
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+# jax.checkpoint (remat): followed too, and re-run under jax.checkpoint.
+_REMAT = frozenset({"checkpoint", "remat2"})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,6 +70,7 @@ class Site:
   def to_leaf(self, operand_grad: jax.Array, leaf_aval) -> jax.Array:
     """Maps a gradient of the layer's parameter operand back to its leaf."""
     zero = jnp.zeros(leaf_aval.shape, leaf_aval.dtype)
+    zero = layers.varying(zero, layers.varying_axes(operand_grad))
     _, vjp = jax.vjp(self.operand_of, zero)
     return vjp(operand_grad.astype(self.layer.operand.dtype))[0]
 
@@ -80,6 +86,17 @@ class Plan:
   sites: tuple[Site, ...]
   direct: tuple[int, ...]
   unused: tuple[int, ...]
+
+
+def _inner(eqn) -> tuple[Any, list] | None:
+  """``(jaxpr, consts)`` of a call or checkpoint equation, else None."""
+  name = eqn.primitive.name
+  if name not in _CALLS and name not in _REMAT:
+    return None
+  inner = eqn.params.get("jaxpr")
+  if isinstance(inner, jcore.ClosedJaxpr):
+    return inner.jaxpr, list(inner.consts)
+  return (inner, []) if isinstance(inner, jcore.Jaxpr) else None
 
 
 def _bind(eqn, ins) -> list:
@@ -115,6 +132,20 @@ def _layer(eqn, param_pos: int) -> layers.Layer:
   return layers.Opaque.from_op(op) if layer is None else layer
 
 
+def _real(v) -> bool:
+  return jnp.issubdtype(v.aval.dtype, jnp.floating)
+
+
+def _exact_types(eqn) -> bool:
+  """Whether a layer's captures give its parameter's gradient as they are:
+  real floating operands and output (integer ids allowed). A complex one
+  would need conjugates, an integer one has no gradient: those go direct."""
+  ins_ok = all(
+    _real(v) or jnp.issubdtype(v.aval.dtype, jnp.integer) for v in eqn.invars
+  )
+  return ins_ok and _real(eqn.outvars[0])
+
+
 def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
   """Follows each parameter leaf through ``jaxpr``, recording its readers.
 
@@ -129,11 +160,11 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
     if not any(src):
       continue
     name = eqn.primitive.name
-    if name in _STRUCTURAL and len(eqn.invars) == 1:
+    if name in _STRUCTURAL and len(eqn.invars) == 1 and _real(eqn.outvars[0]):
       leaf, chain = src[0]
       origins[eqn.outvars[0]] = (leaf, chain + (eqn,))
-    elif name in _CALLS and "jaxpr" in eqn.params:
-      inner = eqn.params["jaxpr"].jaxpr
+    elif _inner(eqn) is not None:
+      inner = _inner(eqn)[0]
       inner_origins = {v: o for v, o in zip(inner.invars, src) if o}
       _walk(inner, inner_origins, path + (i,), uses)
       for outer, v in zip(eqn.outvars, inner.outvars):
@@ -141,7 +172,11 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
           origins[outer] = inner_origins[v]
     else:
       readers = [k for k, o in enumerate(src) if o]
-      if len(readers) == 1 and readers[0] in layers.param_operands(name):
+      if (
+        len(readers) == 1
+        and readers[0] in layers.param_operands(name)
+        and _exact_types(eqn)
+      ):
         k = readers[0]
         leaf, chain = src[k]
         uses[leaf].append((path + (i,), eqn, k, chain))
@@ -204,11 +239,12 @@ def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
   """
   index = {s.path: k for k, s in enumerate(plan.sites)}
   calls = {s.path[:j] for s in plan.sites for j in range(1, len(s.path))}
-  captures = [None] * len(plan.sites)
 
   def go(jaxpr, consts, invals, path):
+    """``(outputs, {site: captures})`` of ``jaxpr``, nested calls in."""
     env = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, invals))
+    captures = {}
 
     def read(v):
       return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -216,9 +252,9 @@ def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
     for i, eqn in enumerate(jaxpr.eqns):
       here = path + (i,)
       ins = [read(v) for v in eqn.invars]
-      if here in calls:  # a jit call with a site inside: step in
-        inner = eqn.params["jaxpr"]
-        outs = go(inner.jaxpr, inner.consts, ins, here)
+      if here in calls:  # a call with a site inside: step in
+        outs, inner = _step_in(eqn, ins, here)
+        captures.update(inner)
       else:
         outs = _bind(eqn, ins)
       if here in index:
@@ -227,7 +263,17 @@ def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
         captures[k] = [x for j, x in enumerate(ins) if j != pos]
         outs = [outs[0] + zs[k].astype(outs[0].dtype)]
       env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
+    return [read(v) for v in jaxpr.outvars], captures
 
-  outs = go(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(flat_args), ())
-  return outs, captures
+  def _step_in(eqn, ins, here):
+    jaxpr, consts = _inner(eqn)
+    fn = lambda ins: go(jaxpr, consts, ins, here)
+    if eqn.primitive.name in _REMAT:  # recomputed in the backward pass
+      params = eqn.params
+      fn = jax.checkpoint(
+        fn, prevent_cse=params["prevent_cse"], policy=params["policy"]
+      )
+    return fn(ins)
+
+  outs, captures = go(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(flat_args), ())
+  return outs, [captures[k] for k in range(len(plan.sites))]

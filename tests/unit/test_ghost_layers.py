@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from optax_gaf._ghost import embedding
 from optax_gaf._ghost import layers
+from optax_gaf._ghost import numerics
 from optax_gaf._ghost import trace
 
 N = 4
@@ -193,7 +195,7 @@ class TestConv:
 
 class TestEmbedding:
   @pytest.mark.parametrize(
-    "lookup, fill_or_drop",
+    "lookup, drops",
     [
       (lambda w, i: jnp.take(w, i, axis=0, mode="clip"), False),
       (
@@ -204,14 +206,14 @@ class TestEmbedding:
     ],
     ids=["clip", "fill", "drop"],
   )
-  def test_modes_with_out_of_range_ids(self, lookup, fill_or_drop):
+  def test_modes_with_out_of_range_ids(self, lookup, drops):
     """Repeated ids across microbatches; ids past the table are clipped, or
     read nothing, as the gather's mode says."""
     with jax.enable_x64(True):
       table = normal(0, (6, 3))
     ids = jnp.array([[0, 2, 7], [2, 2, -1], [5, 9, 0], [1, 3, 2]])
-    layer = check_layer(lookup, table, ids, layers.Embedding)
-    assert layer.fill_or_drop == fill_or_drop
+    layer = check_layer(lookup, table, ids, embedding.Embedding)
+    assert layer.drops == drops
     assert layer.lookups == 3
 
   @pytest.mark.parametrize(
@@ -223,20 +225,43 @@ class TestEmbedding:
     with jax.enable_x64(True):
       table = normal(0, (6, 2, 3))
     ids = jax.random.randint(jax.random.key(1), (N, 2, 3), -6, 6)
-    layer = check_layer(lookup, table, ids, layers.Embedding)
-    assert layer.lookups == 6 and not layer.fill_or_drop
+    layer = check_layer(lookup, table, ids, embedding.Embedding)
+    assert layer.lookups == 6 and layer.drops
 
-  @pytest.mark.xfail(
-    strict=True,
-    reason="Known gap, left as it is: table[ids] (promise_in_bounds) reads"
-    " an id past the table clamped, while autodiff drops its gradient; the"
-    " ghost Gram clamps as the forward pass does.",
-  )
   def test_out_of_range_ids_promised_in_bounds(self):
+    """table[ids] reads an id past the table clamped; autodiff drops its
+    gradient, and so does the ghost Gram matrix (issue 26)."""
     with jax.enable_x64(True):
       table = normal(0, (6, 3))
     ids = jnp.array([[0, 2, 7], [2, 2, 1], [5, 9, 0], [1, 3, 2]])
-    check_layer(lambda w, i: w[i], table, ids, layers.Embedding)
+    check_layer(lambda w, i: w[i], table, ids, embedding.Embedding)
+
+
+class TestExactRows:
+  """Every microbatch flagged (``numerics.RATIO = 0``): the rows formed from
+  each microgradient give the same Gram matrix."""
+
+  @pytest.fixture(autouse=True)
+  def flag_all(self, monkeypatch):
+    monkeypatch.setattr(numerics, "RATIO", 0.0)
+
+  def test_dense_with_batch_dimensions(self):
+    with jax.enable_x64(True):
+      w, xs = normal(0, (2, 4, 5)), normal(1, (N, 3, 2, 4))
+    apply = lambda w, x: jnp.einsum("shk,hkj->hsj", x, w)
+    check_layer(apply, w, xs, layers.Dense)
+
+  def test_convolution(self):
+    w, xs = conv_data(CONVS[2][0])
+    check_layer(conv(*CONVS[2]), w, xs, layers.Conv)
+
+  @pytest.mark.parametrize("mode", ["clip", "fill", "promise_in_bounds"])
+  def test_embedding(self, mode):
+    with jax.enable_x64(True):
+      table = normal(0, (6, 3))
+    ids = jnp.array([[0, 2, 7], [2, 2, -1], [5, 9, 0], [1, 3, 2]])
+    lookup = lambda w, i: w.at[i].get(mode=mode, fill_value=0.0)
+    check_layer(lookup, table, ids, embedding.Embedding)
 
 
 class TestOpaque:
@@ -257,7 +282,7 @@ class TestOpaque:
 def test_registry():
   assert layers.registered("dot_general") is layers.Dense
   assert layers.registered("conv_general_dilated") is layers.Conv
-  assert layers.registered("gather") is layers.Embedding
+  assert layers.registered("gather") is embedding.Embedding
   assert layers.registered("mul") is None
   assert layers.param_operands("dot_general") == (0, 1)
   assert layers.param_operands("conv_general_dilated") == (1,)

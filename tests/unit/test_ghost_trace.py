@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from optax_gaf._ghost import embedding
 from optax_gaf._ghost import layers
 from optax_gaf._ghost import trace
 
@@ -139,7 +140,7 @@ def test_embedding_lookup_is_an_embedding():
   ids = jnp.array([1, 0, 3])
   plan = plan_of(lambda t, i: jnp.sum(t[i] ** 2), jnp.ones((4, 2)), ids)
   (site,) = plan.sites
-  assert type(site.layer) is layers.Embedding
+  assert type(site.layer) is embedding.Embedding
 
 
 def test_run_captures_inputs_and_output_gradients():

@@ -1,0 +1,83 @@
+"""``optax_gaf._ghost.numerics``: the ghost Gram matrix in float range and
+precision (per-microbatch power-of-two scaling, the cancellation bound,
+centring and exact rows) against float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_gaf._ghost import numerics
+
+
+def microgradients(x, d):
+  """float64 ``g_n = sum_h x_nh^T d_nh``, flattened ``[N, Hb K J]``."""
+  x, d = np.asarray(x, np.float64), np.asarray(d, np.float64)
+  g = np.einsum("nhsk,nhsj->nhkj", x, d)
+  return g.reshape(g.shape[0], -1)
+
+
+def cosine_error(gram, want):
+  s = np.sqrt(np.diagonal(want))
+  return np.max(np.abs(np.asarray(gram, np.float64) - want) / s / s[:, None])
+
+
+def test_scaled_is_exact_per_microbatch():
+  x = (
+    jnp.stack(
+      [jnp.full((3,), 3e30), jnp.full((3,), 5e-30), jnp.zeros(3), jnp.ones(3)]
+    )
+    .at[3, 0]
+    .set(jnp.nan)
+  )
+  y, e = numerics.scaled(x, jnp.float32)
+  np.testing.assert_array_equal(e[2:], [0, 0])  # zero and NaN: left alone
+  top = np.max(np.abs(np.asarray(y[:2])), axis=1)
+  assert np.all((top >= 0.5) & (top < 1))
+  back = np.asarray(y, np.float64) * 2.0 ** np.asarray(e, np.float64)[:, None]
+  np.testing.assert_array_equal(back[:3], np.asarray(x[:3], np.float64))
+
+
+def test_finish_zeroes_left_out_rows_even_if_nan():
+  gram = jnp.array([[1.0, jnp.nan], [jnp.nan, jnp.nan]])
+  out = numerics.finish(gram, jnp.array([1, 0]), jnp.array([0.5, 0.0]))
+  np.testing.assert_array_equal(out, [[1.0, 0.0], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("hb", [1, 2])
+def test_microbatches_scaled_far_apart(hb):
+  """float32 captures 1e30 and 1e-30 apart: the float64 Gram matrix."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(keys[0], (4, hb, 5, 3))
+  d = jax.random.normal(keys[1], (4, hb, 5, 2))
+  scale = jnp.array([1e30, 1e-30, 1.0, 1e15]).reshape(4, 1, 1, 1)
+  x, d = x * scale, d / scale
+  gram = numerics.matmul_gram(x, d, jnp.float32)
+  flat = microgradients(x, d)
+  assert cosine_error(gram, flat @ flat.T) < 1e-6
+
+
+def test_cancelling_tokens_are_flagged_and_get_exact_rows():
+  """Microbatch 1's tokens come in pairs with opposite output gradients
+  (up to 1e-4): the plain ghost sum would lose its squared norm."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  x = 100 + jax.random.normal(keys[0], (3, 1, 8, 4))
+  d = jax.random.normal(keys[1], (3, 1, 8, 6))
+  half = d[1, :, :4]
+  d = d.at[1, :, 4:].set(-half + 1e-4 * jax.random.normal(keys[2], half.shape))
+  x = x.at[1, :, 4:].set(x[1, :, :4])
+  flat = microgradients(x, d)
+  want = flat @ flat.T
+  xs, _ = numerics.scaled(x, jnp.float32)
+  ds, _ = numerics.scaled(d, jnp.float32)
+  plain, b = numerics._token_gram(xs, ds, jnp.float32)
+  np.testing.assert_array_equal(
+    numerics.flagged(plain, b), [False, True, False]
+  )
+  stacked = np.einsum(  # float32 microgradients, as the stacked route
+    "nhsk,nhsj->nkj", np.asarray(x), np.asarray(d)
+  ).reshape(3, -1)
+  stacked_error = cosine_error(stacked @ stacked.T, want)
+  assert cosine_error(numerics.matmul_gram(x, d, jnp.float32), want) < max(
+    10 * stacked_error, 1e-6
+  )
