@@ -46,8 +46,9 @@ def _check_n(n: int, num_microbatches: int | None) -> None:
 
 def _placed(grads, params, axis_name, collective, sharded_params):
   """``(placement, treedef)`` of stacked or self-placed microgradients."""
-  ghost = _ghost_view.placed(grads)  # a tree of ghost placeholders
-  grads = grads if ghost is None else ghost[0]
+  if not isinstance(grads, _placement.PlacedMicrogradients):
+    ghost = _ghost_view.placed(grads)  # a tree of ghost placeholders
+    grads = grads if ghost is None else ghost[0]
   if isinstance(grads, _placement.PlacedMicrogradients):
     if axis_name is None and not sharded_params:
       return grads, grads.treedef
