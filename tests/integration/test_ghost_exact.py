@@ -356,8 +356,10 @@ def test_per_leaf_gradient_diversity_on_a_rescaled_step(bad, producer):
   """A NaN, inf or zero microbatch sends stage 1 down the rescaled route,
   which scales each leaf by its own factor: the diversity must still be
   that of the microgradients themselves."""
-  params = {"w": normal(0, (3, 4), jnp.float32), "v": normal(5, (4, 2))}
-  params["v"] = params["v"].astype(jnp.float32) * 1e3  # leaves far apart
+  params = {
+    "w": normal(0, (3, 4), jnp.float32),
+    "v": normal(5, (4, 2), jnp.float32) * 1e3,  # leaves far apart in scale
+  }
   batch = {"x": normal(1, (8, 3), jnp.float32), "s": jnp.ones(8)}
   batch["s"] = (
     batch["s"].at[2:4].set({"nan": jnp.nan, "inf": jnp.inf}.get(bad, 0.0))
