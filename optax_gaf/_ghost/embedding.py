@@ -109,16 +109,24 @@ class Embedding(layers.Layer):
     d, e = numerics.scaled(d.reshape(n, ids.shape[1], -1), dtype)
     d = jnp.where(valid[..., None], d, 0)
     flat = d.reshape(n * ids.shape[1], -1)
-    dd = jnp.matmul(flat, flat.T, precision=_gram.PRECISION)
+    dd = jnp.matmul(
+      flat, flat.T, precision=_gram.PRECISION, preferred_element_type=dtype
+    )
     dd = dd.reshape(n, ids.shape[1], n, -1)
     same = ids[:, :, None, None] == ids[None, None, :, :]
     gram = jnp.sum(jnp.where(same, dd, 0), axis=(1, 3))
-    b = jnp.sum(d * d, axis=(1, 2))  # sum_s ||d_ns||^2
+    b = jnp.sum(jnp.square(d.astype(dtype)), axis=(1, 2))  # sum ||d_ns||^2
 
     def row(k):  # microgradient k as a table, against every microbatch
       g = jnp.zeros((self.operand.shape[0], d.shape[-1]), dtype)
-      g = g.at[ids[k]].add(d[k])
-      r = jnp.einsum("mtj,mtj->m", g[ids], d, precision=_gram.PRECISION)
+      g = g.at[ids[k]].add(d[k].astype(dtype))
+      r = jnp.einsum(
+        "mtj,mtj->m",
+        g[ids],
+        d,
+        precision=_gram.PRECISION,
+        preferred_element_type=dtype,
+      )
       return r.at[k].set(jnp.sum(g * g))
 
     gram = numerics.with_exact_rows(gram, numerics.flagged(gram, b), row)

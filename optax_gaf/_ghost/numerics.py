@@ -65,9 +65,14 @@ def _times_pow2(x: jax.Array, e: jax.Array) -> jax.Array:
 
 
 def scaled(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """``(x_n * 2^-e_n in dtype, e)``: each microbatch's largest entry in
-  ``[0.5, 1)``, exactly."""
-  x = x.astype(dtype)
+  """``(x_n * 2^-e_n, e)``: each microbatch's largest entry in ``[0.5, 1)``,
+  exactly.
+
+  In ``dtype``, or kept in bfloat16, whose exponent range is float32's (its
+  products are exact in the float32 matmuls that take it).
+  """
+  if x.dtype != jnp.bfloat16 or jnp.dtype(dtype) != jnp.float32:
+    x = x.astype(dtype)
   e = exponents(x)
   return _times_pow2(x, -e), e
 
@@ -135,6 +140,7 @@ def _centred_gram(x, d, dtype) -> jax.Array:
   The correction ``mu_n delta_n^T`` is one more token of each microbatch
   (input ``mu_n``, output gradient ``delta_n``).
   """
+  x, d = x.astype(dtype), d.astype(dtype)  # centred in float32, not bf16
   mu = jnp.mean(x, axis=2, keepdims=True)
   x = jnp.concatenate([x - mu, mu], axis=2)
   d = jnp.concatenate([d, jnp.sum(d, axis=2, keepdims=True)], axis=2)

@@ -81,3 +81,16 @@ def test_cancelling_tokens_are_flagged_and_get_exact_rows():
   assert cosine_error(numerics.matmul_gram(x, d, jnp.float32), want) < max(
     10 * stacked_error, 1e-6
   )
+
+
+def test_bfloat16_captures_stay_bfloat16_with_float32_sums():
+  """Scaling keeps bfloat16 (float32's exponent range): its products are
+  exact in the float32 matmul, as before the scaling."""
+  keys = jax.random.split(jax.random.key(2), 2)
+  x = jax.random.normal(keys[0], (4, 1, 6, 5), jnp.bfloat16) * 1e20
+  d = jax.random.normal(keys[1], (4, 1, 6, 3), jnp.bfloat16) * 1e-20
+  assert numerics.scaled(x, jnp.float32)[0].dtype == jnp.bfloat16
+  gram = numerics.matmul_gram(x, d, jnp.float32)
+  assert gram.dtype == jnp.float32
+  flat = microgradients(x, d)
+  assert cosine_error(gram, flat @ flat.T) < 1e-6
