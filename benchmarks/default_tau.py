@@ -638,6 +638,89 @@ def verdict(results, drows, name) -> list[str]:
   return out
 
 
+def goals(results, drows, name) -> dict:
+  """The issue's goals for ``name``: ``{goal: (met, worst, where)}``."""
+  out = {}
+  early, late, flax_clean = [], [], []
+  for key, entry in results.items():
+    if entry["suite"] == "flax" and key.endswith("noise=0"):
+      rows, program = entry["rows"], key.split("/")[1]
+      for step in sorted({r["step"] for r in rows}):
+        v, a = mean_at(rows, name, step), mean_at(rows, "average", step)
+        if v is not None and a is not None:
+          flax_clean.append((v - a, f"{program} {step}"))
+    if entry["suite"] != "flax" or not key.endswith("noise=0.4"):
+      continue
+    rows, program = entry["rows"], key.split("/")[1]
+    for step, bucket in ((500, early), (1000, early), (4000, late)):
+      v, a = mean_at(rows, name, step), mean_at(rows, "average", step)
+      if v is not None and a is not None:
+        bucket.append((v - a, f"{program} {step}"))
+  if early:
+    worst = min(early)
+    out["flax_early"] = (worst[0] >= -1.0, *worst)
+  if late:
+    worst = min(late)
+    out["flax_late"] = (worst[0] >= 15.0, *worst)
+  if flax_clean:
+    worst = min(flax_clean)
+    out["flax_clean"] = (worst[0] >= -0.5, *worst)
+  near, clean = [], []
+  for setting, rows in drows.items():
+    step = max(r["step"] for r in rows)
+    v = mean_at(rows, name, step)
+    if v is None:
+      continue
+    near.append(v - best_swept(rows, step)[1])
+    if "/noise=0/" in setting:
+      clean.append(v - mean_at(rows, "average", step))
+  if near:
+    ok = sum(d >= -1.5 for d in near)
+    out["digits"] = (ok >= 28, ok, len(near))
+  if clean:
+    ok = sum(d >= -0.5 for d in clean)
+    out["clean"] = (ok == len(clean), ok, len(clean))
+  return out
+
+
+def goals_table(results, drows, names) -> str:
+  """One row per candidate, one column per goal: met or not, and by how
+  much (the worst case)."""
+  head = [
+    "candidate",
+    "Flax, 500 and 1000 steps: at most 1 point behind averaging",
+    "Flax, 4000 steps: at least 15 points ahead",
+    "digits: within 1.5 points of the best swept tau in 28 of 33",
+    "digits, 0% noise: at most 0.5 points behind averaging",
+    "Flax, 0% noise: at most 0.5 points behind averaging at any step",
+  ]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for name in names:
+    g = goals(results, drows, name)
+    cells = []
+    for goal in ("flax_early", "flax_late"):
+      if goal not in g:
+        cells.append("-")
+        continue
+      met, worst, where = g[goal]
+      verdict = "met" if met else "not met"
+      cells.append(f"{verdict} (worst {worst:+.1f}, {where})")
+    for goal in ("digits", "clean"):
+      if goal not in g:
+        cells.append("-")
+        continue
+      met, ok, total = g[goal]
+      cells.append(f"{'met' if met else 'not met'} ({ok} of {total})")
+    if "flax_clean" in g:
+      met, worst, where = g["flax_clean"]
+      verdict = "met" if met else "not met"
+      cells.append(f"{verdict} (worst {worst:+.1f}, {where})")
+    else:
+      cells.append("-")
+    lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def plot(results, drows, names, out) -> list[str]:
   """Learning curves of the flax suite and the digits regrets; paths."""
   import matplotlib
@@ -718,16 +801,19 @@ def report(results, sweep, out) -> str:
   names = candidates(results)
   drows = digits_rows(results, sweep)
   minutes = sum(e["seconds"] for e in results.values()) / 60
-  commands = dict.fromkeys(e["command"] for e in results.values())
+  commands = dict.fromkeys(c for e in results.values() for c in _commands(e))
+  loads = [x for e in results.values() for x in np.ravel(e.get("load", []))]
+  load = f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
   lines = [
     "Reproduce (from the repository root): "
-    + " and ".join(f"`{c}`" for c in commands)
+    + ", ".join(f"`{c}`" for c in commands)
     + f". {len(results)} settings, {minutes:.0f} minutes of training"
-    f" ({jax.default_backend().upper()}, {os.cpu_count()} cores, shared"
-    " with other jobs).",
+    f" ({jax.default_backend().upper()}, {os.cpu_count()} cores shared with"
+    f" other jobs; 1-minute load average {load}).",
     "",
-    "Cells: test accuracy in %, mean over seeds (±: see the json), then"
-    " (minus averaging / minus the best swept tau at that step) in points."
+    "Cells: test accuracy in %, mean over seeds (each seed is in the json),"
+    " then (minus averaging / minus the best swept tau at that step) in"
+    " points."
     " `tau=0.97` is the current default of `gaf()`.",
     "",
   ]
@@ -737,10 +823,10 @@ def report(results, sweep, out) -> str:
     lines += verdict(results, drows, name) or ["- no setting of the goals run."]
     lines.append("")
   if any(e["suite"] == "flax" for e in results.values()):
-    lines += ["## Flax guide programs", "", flax_table(results, names), ""]
+    lines += ["### Flax guide programs", "", flax_table(results, names), ""]
   if drows:
     lines += [
-      "## Digits (benchmarks.choosing_tau settings)",
+      "### Digits (benchmarks.choosing_tau settings)",
       "",
       "Averaging, the swept taus and `auto` from"
       " `benchmarks/results/choosing_tau.json`; the other policies trained"
@@ -752,7 +838,7 @@ def report(results, sweep, out) -> str:
   table = per_example_table(results, names)
   if table:
     lines += [
-      "## Per-example GAF (examples/per_example.py, N = 100, 40% noise)",
+      "### Per-example GAF (examples/per_example.py, N = 100, 40% noise)",
       "",
       "Swept taus and the policies with the sequential rule;"
       " `medoid 0.6` is the example's tuned setting.",
@@ -763,11 +849,20 @@ def report(results, sweep, out) -> str:
   text = "\n".join(lines)
   with open(os.path.join(out, "default_tau.md"), "w") as f:
     f.write(text)
+  with open(os.path.join(out, "default_tau_goals.md"), "w") as f:
+    f.write(goals_table(results, drows, names) + "\n")
   plot(results, drows, names, out)
   return text
 
 
 # ---------------------------------------------------------------- main
+
+
+def _commands(entry) -> list[str]:
+  """The commands that wrote a stored setting, in order."""
+  if "commands" in entry:
+    return entry["commands"]
+  return [entry["command"]] if "command" in entry else []
 
 
 def _todo(args, results, sweep):
@@ -828,6 +923,7 @@ def main(argv=None) -> dict:
     with open(args.sweep) as f:
       sweep = json.load(f)
   command = " ".join(["python -m benchmarks.default_tau", *(argv or [])])
+  load = os.getloadavg()[0]
   todo = [] if args.report else _todo(args, results, sweep)
   if todo:
     ex = None
@@ -851,14 +947,13 @@ def main(argv=None) -> dict:
             ex = per_example_tau.load_example()
           methods = per_example_methods(args, ex)
           rows = run_per_example_seed(args, ex, what, methods, progress)
-        seconds = (
-          time.perf_counter() - start + results.get(key, {}).get("seconds", 0.0)
-        )
+        old = results.get(key, {})
         results[key] = {
           "suite": suite,
           "rows": rows,
-          "seconds": seconds,
-          "command": command,
+          "seconds": time.perf_counter() - start + old.get("seconds", 0.0),
+          "commands": list(dict.fromkeys([*_commands(old), command])),
+          "load": [*old.get("load", []), [load, os.getloadavg()[0]]],
         }
         with open(path, "w") as f:
           json.dump(results, f, indent=1)
