@@ -758,6 +758,8 @@ def plot(results, drows, names, out) -> list[str]:
         if any(y is not None for y in ys):
           ax.plot(steps, ys, "-o", ms=3, color=f"C{i}", label=m)
       ax.set_xscale("log")
+      ax.set_xticks(steps, [str(x) for x in steps])
+      ax.minorticks_off()
       program, noise = key.split("/")[1], key.split("=")[1]
       ax.set_title(f"{PROGRAM_NAMES[program]}, noise {noise}", fontsize=9)
       ax.set_xlabel("steps")

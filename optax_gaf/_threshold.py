@@ -117,9 +117,11 @@ class WarmupAutoTau(NamedTuple):
   similarities of an untrained model spread widely, and its strict early
   threshold can skip nearly every step (a model trained with SGD then barely
   moves). It does not know when a model starts to memorise label noise:
-  ``warmup_steps`` is a step count, and a run that memorises within it (adamw
-  on large microbatches) stays memorised. ``docs/guides/choosing_tau.md``
-  gives the measurements.
+  ``warmup_steps`` is a step count. In the study behind it, 500 steps were
+  too few for one program and 1000 too many for another, and runs with adamw
+  on large microbatches did worse than with :class:`AutoTau` (they probably
+  memorise during the warm-up). It is an option, not ``gaf``'s default;
+  ``docs/guides/choosing_tau.md`` gives the measurements.
 
   The state is :class:`AutoTau`'s (``GAFState.chance_stats``, three float32
   numbers; ``[L, 3]`` per leaf); the warm-up reads ``GAFState.count``. Both
