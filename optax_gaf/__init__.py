@@ -30,6 +30,7 @@ from optax_gaf._streaming import record_filtered
 from optax_gaf._streaming import streaming_filtered_grads
 from optax_gaf._threshold import AdaptiveTau
 from optax_gaf._threshold import AutoTau
+from optax_gaf._threshold import WarmupAutoTau
 from optax_gaf.rules import RuleOutput
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = (
   "AdaConsState",
   "AdaptiveTau",
   "AutoTau",
+  "WarmupAutoTau",
   "AndMaskState",
   "FilteredGradients",
   "GAFState",

@@ -41,9 +41,10 @@ class GAFState(NamedTuple):
       order); None otherwise.
     tau_history: float32 ``[M]``, the last M recorded cosine distances for an
       :class:`AdaptiveTau` threshold (NaN where empty); None without.
-    chance_stats: float32 ``[3]`` for an :class:`AutoTau` threshold: the EMA
-      of the summed squares of negative cosine similarities, the EMA of their
-      count, and the number seen so far; ``[L, 3]`` per leaf; None without.
+    chance_stats: float32 ``[3]`` for an :class:`AutoTau` (or
+      :class:`WarmupAutoTau`) threshold: the EMA of the summed squares of
+      negative cosine similarities, the EMA of their count, and the number
+      seen so far; ``[L, 3]`` per leaf; None without.
   """
 
   count: jax.Array

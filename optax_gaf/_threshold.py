@@ -3,7 +3,8 @@
 (record the step's cosine distances).
 
 Its kinds, dispatched once by :func:`threshold_policy`: a number or a
-schedule of the step count, :class:`AutoTau` (from chance agreement) and
+schedule of the step count, :class:`AutoTau` (from chance agreement),
+:class:`WarmupAutoTau` (averaging, then AutoTau's threshold) and
 :class:`AdaptiveTau` (from recent distances). Their state lives in
 ``GAFState`` (``tau_history``, ``chance_stats``), None where unused.
 """
@@ -93,13 +94,104 @@ def check_auto_tau(auto: AutoTau) -> None:
       raise ValueError(f"AutoTau.{name} must lie in [0, 2]; got {value}.")
 
 
+class WarmupAutoTau(NamedTuple):
+  r"""Averaging for a warm-up, then :class:`AutoTau`'s chance threshold.
+
+  For the first ``warmup_steps`` steps the threshold is 2, which accepts
+  every usable microgradient: the update is their plain mean (with the
+  ``pairwise`` rule, its running pairwise average), as fast as averaging
+  while the model learns what the microgradients share. From then on it is
+  :class:`AutoTau`'s threshold,
+
+  .. math::
+
+     \tau_t = \max\left(\text{floor},\ 1 - z\,\hat\sigma_t\right),
+
+  with the chance spread :math:`\hat\sigma_t` estimated from the negative
+  cosine similarities the rule compared at every earlier step, the warm-up
+  included (so the threshold is ready when the warm-up ends). If fewer than
+  ``min_count`` negative similarities have been seen by then, averaging goes
+  on until they have.
+
+  This answers AutoTau's slow start: AutoTau filters from step 1, when the
+  similarities of an untrained model spread widely, and its strict early
+  threshold can skip nearly every step (a model trained with SGD then barely
+  moves). It does not know when a model starts to memorise label noise:
+  ``warmup_steps`` is a step count. In the study behind it, 500 steps were
+  too few for one program and 1000 too many for another, and runs with adamw
+  on large microbatches did worse than with :class:`AutoTau` (they probably
+  memorise during the warm-up). It is an option, not ``gaf``'s default;
+  ``docs/guides/choosing_tau.md`` gives the measurements.
+
+  The state is :class:`AutoTau`'s (``GAFState.chance_stats``, three float32
+  numbers; ``[L, 3]`` per leaf); the warm-up reads ``GAFState.count``. Both
+  come from the rule's decisions on the replicated Gram matrix, so the
+  threshold is identical on every device. Like :class:`AutoTau` it needs
+  ``gaf``'s state: the streaming producers take a number.
+
+  Attributes:
+    warmup_steps: steps of averaging (tau = 2) before the threshold adapts.
+    z: how many chance standard deviations of agreement are required.
+    decay: the EMA's decay per step (a horizon of about ``1 / (1 - decay)``
+      steps).
+    min_count: negative similarities needed before the threshold adapts.
+    floor: the lowest threshold ``tau_t`` may take.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_gaf
+    >>> tx = optax_gaf.gaf(optax_gaf.WarmupAutoTau(warmup_steps=2, min_count=1),
+    ...                    num_microbatches=2)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> grads = jnp.array([[1.0, 0.0], [-0.2, 1.0]])  # similarity -0.196
+    >>> for _ in range(3):
+    ...   _, state = tx.update(grads, state)
+    ...   print(round(float(state.tau), 3), bool(state.ready))
+    2.0 True
+    2.0 True
+    0.608 False
+
+  References:
+    ``docs/guides/choosing_tau.md`` (the study, ``benchmarks/default_tau.py``).
+  """
+
+  warmup_steps: int = 500
+  z: float = 2.0
+  decay: float = 0.99
+  min_count: int = 8
+  floor: float = 0.0
+
+  @property
+  def auto(self) -> AutoTau:
+    """The :class:`AutoTau` after the warm-up (averaging until min_count)."""
+    return AutoTau(self.z, self.decay, self.min_count, AVERAGE_TAU, self.floor)
+
+
+# The threshold that accepts every usable microgradient: the plain mean.
+AVERAGE_TAU = 2.0
+
+
+def check_warmup_auto_tau(cfg: WarmupAutoTau) -> None:
+  """Raises unless every field of ``cfg`` is in range."""
+  steps = cfg.warmup_steps
+  if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
+    raise TypeError(
+      f"WarmupAutoTau.warmup_steps must be an int; got {steps!r}."
+    )
+  if steps < 0:
+    raise ValueError(f"WarmupAutoTau.warmup_steps must be >= 0; got {steps}.")
+  try:
+    check_auto_tau(cfg.auto)
+  except (TypeError, ValueError) as e:
+    raise type(e)(str(e).replace("AutoTau.", "WarmupAutoTau.")) from None
+
+
 def check_tau(tau: Any, allow_schedule: bool = True) -> None:
   """Raises on a tau outside ``[0, 2]``; traced values pass through.
 
   Args:
     tau: a scalar or (with ``allow_schedule``) a schedule of the step
-      count, checked at step 0, an :class:`AutoTau` or an
-      :class:`AdaptiveTau`.
+      count, checked at step 0, an :class:`AutoTau`, a
+      :class:`WarmupAutoTau` or an :class:`AdaptiveTau`.
     allow_schedule: whether a schedule or a stateful policy is allowed.
   """
   if isinstance(tau, AutoTau):
@@ -116,6 +208,13 @@ def check_tau(tau: Any, allow_schedule: bool = True) -> None:
         " number here."
       )
     return check_adaptive_tau(tau)
+  if isinstance(tau, WarmupAutoTau):
+    if not allow_schedule:
+      raise TypeError(
+        "WarmupAutoTau needs the statistics kept in gaf()'s state; pass a"
+        " number here."
+      )
+    return check_warmup_auto_tau(tau)
   if callable(tau):
     if not allow_schedule:
       raise TypeError(
@@ -145,6 +244,8 @@ def tau_at(
   """The threshold at step ``count``, in ``dtype`` (the statistics' dtype)."""
   if isinstance(tau, AutoTau):
     return jnp.asarray(tau.warmup_tau, dtype)
+  if isinstance(tau, WarmupAutoTau):
+    return jnp.asarray(AVERAGE_TAU, dtype)
   if isinstance(tau, AdaptiveTau):
     tau = tau.cap
   return jnp.asarray(tau(count) if callable(tau) else tau, dtype)
@@ -242,7 +343,7 @@ def check_adaptive_tau(adaptive_tau: Any) -> None:
     )
   if not np.isfinite(adaptive_tau.k):
     raise ValueError(f"AdaptiveTau.k must be finite; got {adaptive_tau.k}.")
-  if isinstance(adaptive_tau.cap, AutoTau | AdaptiveTau):
+  if isinstance(adaptive_tau.cap, AutoTau | AdaptiveTau | WarmupAutoTau):
     raise TypeError("AdaptiveTau.cap must be a number or a schedule.")
   check_tau(adaptive_tau.cap)
 
@@ -279,7 +380,7 @@ def record_distances(history, distances):
 
 
 # What gaf(tau=...) takes.
-TauLike = optax.ScalarOrSchedule | AutoTau | AdaptiveTau
+TauLike = optax.ScalarOrSchedule | AutoTau | AdaptiveTau | WarmupAutoTau
 
 
 class ThresholdState(NamedTuple):
@@ -287,7 +388,8 @@ class ThresholdState(NamedTuple):
 
   Attributes:
     tau_history: :class:`AdaptiveTau`'s ``[M]`` recent distances, or None.
-    chance_stats: :class:`AutoTau`'s ``[3]`` (``[L, 3]``) sums, or None.
+    chance_stats: :class:`AutoTau`'s (and :class:`WarmupAutoTau`'s) ``[3]``
+      (``[L, 3]``) sums, or None.
   """
 
   tau_history: jax.Array | None = None
@@ -343,6 +445,25 @@ class _Auto(NamedTuple):
     return state._replace(chance_stats=stats)
 
 
+class _WarmupAuto(NamedTuple):
+  """:class:`WarmupAutoTau`: ``chance_stats`` as :class:`AutoTau`'s."""
+
+  cfg: WarmupAutoTau
+
+  def init(self, n_leaves):
+    shape = (n_leaves,) if n_leaves else ()
+    return ThresholdState(chance_stats=init_chance_stats(shape))
+
+  def __call__(self, count, state, dtype=jnp.float32):
+    auto = auto_threshold(state.chance_stats, self.cfg.auto, dtype)
+    warm = count < self.cfg.warmup_steps
+    return jnp.where(warm, jnp.asarray(AVERAGE_TAU, dtype), auto)
+
+  def update(self, state, distances):
+    stats = record_chance(state.chance_stats, distances, self.cfg.decay)
+    return state._replace(chance_stats=stats)
+
+
 class _Adaptive(NamedTuple):
   """:class:`AdaptiveTau`: ``tau_history`` ``[M]``."""
 
@@ -372,7 +493,7 @@ def threshold_policy(tau: Any, adaptive_tau: Any = None) -> Threshold:
   check_tau(tau)
   if adaptive_tau is not None:
     check_adaptive_tau(adaptive_tau)
-    if isinstance(tau, AutoTau | AdaptiveTau):
+    if isinstance(tau, AutoTau | AdaptiveTau | WarmupAutoTau):
       raise ValueError(
         f"tau={type(tau).__name__}() already adapts the threshold; drop"
         " adaptive_tau, or give a number as tau to cap AdaptiveTau's"
@@ -387,6 +508,8 @@ def threshold_policy(tau: Any, adaptive_tau: Any = None) -> Threshold:
     tau = adaptive_tau._replace(cap=tau)
   if isinstance(tau, AutoTau):
     return _Auto(tau)
+  if isinstance(tau, WarmupAutoTau):
+    return _WarmupAuto(tau)
   if isinstance(tau, AdaptiveTau):
     return _Adaptive(tau)
   return _Fixed(tau)

@@ -6,6 +6,8 @@
   ``ResNet18``).
 * ``training``: the jitted ``lax.scan`` loop over ``nnx.Optimizer`` and
   ``METHODS`` (name -> aggregator).
+* ``flax_guide``: the two programs of ``examples/flax_guide/`` as pure,
+  scannable runs (``python -m benchmarks.default_tau``).
 
 The full noisy-label CLI built on it is ``python -m benchmarks.noisy_labels``
 (from the repository root). The programs in ``examples/`` do not use it: each

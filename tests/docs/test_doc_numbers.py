@@ -391,6 +391,84 @@ def test_cnn_row():
   )
 
 
+# --- default_tau.md (issue 27) ----------------------------------------------
+
+
+def _default_study():
+  from benchmarks import default_tau
+
+  results = json.loads(result("default_tau.json"))
+  sweep = json.loads(result("choosing_tau.json"))
+  return default_tau, results, default_tau.digits_rows(results, sweep)
+
+
+def test_default_study_claims():
+  dt, results, drows = _default_study()
+  flax = {k.split("/", 1)[1]: e["rows"] for k, e in results.items()}
+
+  def gap(key, method, step):
+    rows = flax[key]
+    return dt.mean_at(rows, method, step) - dt.mean_at(rows, "average", step)
+
+  page = "docs/guides/choosing_tau.md"
+  nnx, linen = "nnx/noise=0.4", "linen/noise=0.4"
+  says(
+    page,
+    f"within a point of averaging at 500 steps and"
+    f" {gap(nnx, 'warmup_auto', 4000):.1f} to"
+    f" {gap(linen, 'warmup_auto', 4000):.1f} points ahead at 4000, where"
+    f" `tau = 0.97` is {gap(nnx, 'tau=0.97', 4000):.1f} and"
+    f" {gap(linen, 'tau=0.97', 4000):.1f} points ahead",
+    f"at 1000 steps it is {-gap(linen, 'warmup_auto', 1000):.1f} points"
+    " behind averaging",
+    f"(the worst case is {-gap(nnx, 'warmup_auto_1000', 500):.1f} points"
+    " behind, the NNX program at 500 steps)",
+    f"at 4000 steps it is {gap(nnx, 'warmup_auto_1000', 4000):.1f} points"
+    " ahead of averaging, short of 15",
+  )
+  assert gap(nnx, "warmup_auto", 500) >= -1.0  # "within a point"
+  goals = {m: dt.goals(results, drows, m) for m in dt.POLICIES}
+  digits = {m: g["digits"][1] for m, g in goals.items()}
+  says(
+    page,
+    f"({digits['warmup_auto']} of 33) than `AutoTau()`"
+    f" ({digits['auto']} of 33)",
+    f"`WarmupAutoTau(warmup_steps=1000)` in {digits['warmup_auto_1000']}",
+    f"in {goals['warmup_auto']['clean'][1]} of the 8 clean settings"
+    f" (`AutoTau()`: {goals['auto']['clean'][1]})",
+  )
+  setting = drows["mlp/N=2/per_class=5/noise=0.4/adamw"]
+  val = lambda m: dt.mean_at(setting, m, 2000)
+  says(page, f"{val('warmup_auto'):.1f} against {val('auto'):.1f}")
+  clean = "nnx/noise=0"
+  says(
+    page,
+    f"({-gap(clean, 'tau=0.97', 2000):.1f} points behind the unchanged NNX"
+    " program at 2000 steps;",
+    f"`WarmupAutoTau()` is {-gap('linen/noise=0', 'warmup_auto', 1000):.1f}"
+    " points behind averaging in the Linen program at 1000 and 2000 steps",
+  )
+  assert f"{gap('linen/noise=0', 'warmup_auto', 2000):.1f}" == (
+    f"{gap('linen/noise=0', 'warmup_auto', 1000):.1f}"
+  )
+  rows = [
+    r for k, e in results.items() if k.startswith("per_") for r in e["rows"]
+  ]
+  at = lambda m, step: dt.mean_at(rows, m, step)
+  says(
+    page,
+    f"equals averaging for 500 steps ({at('warmup_auto', 500):.1f}%, where"
+    f" `AutoTau()` has {at('auto', 500):.1f}%)",
+    f"dips to {at('warmup_auto', 1000):.1f}% at 1000 steps",
+    f"8000 steps ({at('warmup_auto', 4000):.1f}% and"
+    f" {at('warmup_auto', 8000):.1f}%) is as good as the best swept tau",
+  )
+  for step in (4000, 8000):
+    assert at("warmup_auto", step) >= dt.best_swept(rows, step)[1] - 0.5
+  for step in (500, 1000, 2000):
+    assert dt.best_swept(rows, step)[0] == "tau=0.97"
+
+
 # --- nothing without a source -----------------------------------------------
 
 # Numbers that are not measurements (defaults, versions, citations, the

@@ -1,5 +1,5 @@
 """The threshold tau: range checks at every entry point, schedules,
-inject_hyperparams, AdaptiveTau and AutoTau."""
+inject_hyperparams, AdaptiveTau, AutoTau and WarmupAutoTau."""
 
 import jax
 import jax.numpy as jnp
@@ -311,6 +311,201 @@ def test_chance_statistics_and_threshold_match_oracle(
     oracle.auto_tau(want, z, min_count, auto.warmup_tau, auto.floor),
     abs=1e-5,
   )
+
+
+# --- WarmupAutoTau
+
+
+def _warmup_run(cfg, rule="sequential", granularity="global", steps=7, n=5):
+  """WarmupAutoTau through jitted gaf steps, and the float64 oracle alongside.
+
+  Yields ``(state, leaves, updates, want_taus)`` per step, ``want_taus`` one
+  threshold per leaf (per leaf) or one, from the oracle's own statistics.
+  """
+  tx = optax_gaf.gaf(
+    cfg, rule=rule, num_microbatches=n, granularity=granularity
+  )
+  params = {k: jnp.zeros(s) for k, s in zip("wbk", SHAPES)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(4)
+  groups = len(SHAPES) if granularity == "per_leaf" else 1
+  stats = [(0.0, 0.0, 0.0)] * groups
+  for step in range(steps):
+    want = [
+      2.0
+      if step < cfg.warmup_steps
+      else oracle.auto_tau(s, cfg.z, cfg.min_count, 2.0, cfg.floor)
+      for s in stats
+    ]
+    grads = dict(zip("wbk", helpers.make_microgradients(rng, n, SHAPES, 0.4)))
+    leaves = jax.tree.leaves(grads)
+    updates, state = update(grads, state, params)
+    yield state, leaves, updates, want
+    parts = [leaves] if groups == 1 else [[x] for x in leaves]
+    for g, part in enumerate(parts):
+      dist = helpers.ORACLES[rule](oracle.flatten(part), want[g])[2]
+      assert not oracle.is_ambiguous(dist, want[g])
+      stats[g] = oracle.record_chance(stats[g], dist, cfg.decay)
+    np.testing.assert_allclose(
+      np.asarray(state.chance_stats).reshape(groups, 3), stats, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("rule", ["sequential", "pairwise", "medoid"])
+def test_warmup_auto_tau_averages_then_follows_oracle(rule):
+  cfg = optax_gaf.WarmupAutoTau(
+    warmup_steps=3, z=1.5, decay=0.8, min_count=3, floor=0.2
+  )
+  taus = []
+  for state, leaves, updates, want in _warmup_run(cfg, rule):
+    assert float(state.tau) == pytest.approx(want[0], abs=1e-5)
+    flat = oracle.flatten(leaves)
+    dist = helpers.ORACLES[rule](flat, want[0])[2]
+    np.testing.assert_allclose(state.cosine_distance, dist, atol=2e-5)
+    taus.append(want[0])
+    if want[0] == 2.0:  # the warm-up: every one is taken
+      assert bool(state.ready) and bool(np.all(state.accepted))
+    if want[0] == 2.0 and rule != "pairwise":  # pairwise: its running average
+      got = oracle.flatten([x[None] for x in jax.tree.leaves(updates)])[0]
+      np.testing.assert_allclose(got, flat.mean(0), rtol=1e-5, atol=1e-6)
+  assert taus[:3] == [2.0] * 3 and max(taus[3:]) < 1.0  # then it filters
+
+
+def test_warmup_auto_tau_per_leaf_keeps_one_threshold_per_leaf():
+  cfg = optax_gaf.WarmupAutoTau(warmup_steps=2, z=1.5, decay=0.8, min_count=3)
+  spread = []
+  for state, leaves, _, want in _warmup_run(cfg, granularity="per_leaf"):
+    assert state.chance_stats.shape == (len(SHAPES), 3)
+    assert float(state.tau) == pytest.approx(np.mean(want), abs=1e-5)
+    for leaf, tau, got in zip(leaves, want, state.accepted):
+      accepted = oracle.sequential(oracle.flatten([leaf]), tau)[1]
+      np.testing.assert_array_equal(got, accepted)
+    spread.append(np.ptp(want))
+  assert spread[0] == 0.0 and max(spread) > 0.01
+
+
+def test_warmup_auto_tau_waits_for_min_count_after_the_warm_up():
+  """Too few negative similarities by the end of the warm-up: it averages
+  on until there are min_count of them."""
+  tx = optax_gaf.gaf(
+    optax_gaf.WarmupAutoTau(warmup_steps=1, min_count=2), num_microbatches=2
+  )
+  state = tx.init(jnp.zeros(2))
+  agree = jnp.array([[1.0, 0.0], [1.0, 0.1]])
+  conflict = jnp.array([[1.0, 0.0], [-0.2, 1.0]])  # similarity -0.196
+  taus = []
+  for grads in (conflict, agree, conflict, conflict):
+    _, state = tx.update(grads, state)
+    taus.append(round(float(state.tau), 3))
+  assert taus == [2.0, 2.0, 2.0, 0.608]  # 2 negatives seen after step 3
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+  seed=st.integers(0, 2**16),
+  warmup=st.integers(0, 3),
+  n=st.integers(2, 5),
+  z=st.floats(0.5, 3.0),
+)
+def test_warmup_auto_tau_is_averaging_then_autotau(seed, warmup, n, z):
+  """Property: during the warm-up the update is the plain mean (gaf(2.0)),
+  and every threshold is AutoTau's from the statistics gathered so far,
+  the warm-up's included; with no warm-up it is AutoTau(warmup_tau=2)."""
+  cfg = optax_gaf.WarmupAutoTau(warmup_steps=warmup, z=z, min_count=1)
+  auto = optax_gaf.AutoTau(z=z, min_count=1, warmup_tau=2.0)
+  txs = [optax_gaf.gaf(t, num_microbatches=n) for t in (cfg, auto, 2.0)]
+  params = jnp.zeros(6)
+  states = [tx.init(params) for tx in txs]
+  rng = np.random.default_rng(seed)
+  for step in range(warmup + 3):
+    grads = jnp.asarray(rng.normal(size=(n, 6)) + 0.3, jnp.float32)
+    stats = states[0].chance_stats
+    out = [tx.update(grads, s) for tx, s in zip(txs, states)]
+    states = [s for _, s in out]
+    (u_warm, s_warm), (u_auto, s_auto), (u_mean, _) = out
+    if step < warmup:
+      np.testing.assert_allclose(u_warm, u_mean, rtol=1e-6, atol=1e-7)
+      assert float(s_warm.tau) == 2.0
+    else:
+      want = _threshold.auto_threshold(stats, cfg.auto, jnp.float32)
+      np.testing.assert_array_equal(s_warm.tau, want)
+    if warmup == 0:
+      np.testing.assert_array_equal(u_warm, u_auto)
+      np.testing.assert_array_equal(s_warm.chance_stats, s_auto.chance_stats)
+
+
+def test_warmup_auto_tau_state_keeps_its_shapes_and_checkpoints(tmp_path):
+  tx = optax_gaf.gaf(optax_gaf.WarmupAutoTau(), num_microbatches=4)
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  assert state.tau_history is None and state.chance_stats.shape == (3,)
+  assert float(state.tau) == 2.0
+  new = jax.eval_shape(tx.update, jnp.ones((4, 3)), state, params)[1]
+  shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
+  assert shapes(new) == shapes(state)
+  assert all(x.size for x in jax.tree.leaves(state))  # no zero-size arrays
+  # A NumPy round trip of the leaves (what a checkpointer stores) resumes it.
+  _, state = tx.update(jnp.ones((4, 3)), state)
+  np.savez(tmp_path / "s.npz", *jax.tree.leaves(state))
+  with np.load(tmp_path / "s.npz") as f:
+    loaded = [f[f"arr_{i}"] for i in range(len(f.files))]
+  restored = jax.tree.unflatten(jax.tree.structure(state), loaded)
+  grads = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), "float32")
+  want, got = tx.update(grads, state), tx.update(grads, restored)
+  helpers.assert_close(got, want)
+
+
+def test_warmup_auto_tau_is_identical_on_every_device():
+  n = 2 * helpers.D
+  cfg = optax_gaf.WarmupAutoTau(warmup_steps=1, min_count=2)
+  single = optax_gaf.gaf(cfg, num_microbatches=n)
+  multi = optax_gaf.gaf(cfg, num_microbatches=n, axis_name="data")
+  update = helpers.shard_map_update(multi, per_device=True)
+  params = {"w": jnp.zeros(helpers.MESH_SHAPES[0])}
+  params["b"] = jnp.zeros(helpers.MESH_SHAPES[1])
+  s_single, s_multi = single.init(params), multi.init(params)
+  rng = np.random.default_rng(11)
+  taus = []
+  for _ in range(3):
+    leaves = helpers.make_microgradients(rng, n, helpers.MESH_SHAPES, 0.5)
+    grads = helpers.tree(leaves, helpers.MESH_NAMES)
+    want = jax.jit(single.update)(grads, s_single)
+    got = update(helpers.shard(grads), s_multi)
+    helpers.assert_same_on_every_device(got)
+    got = helpers.first_device(got)
+    helpers.assert_close(got, want)
+    (_, s_single), (_, s_multi) = want, got
+    taus.append(float(s_single.tau))
+  assert taus[0] == 2.0 and taus[-1] < 2.0
+
+
+@pytest.mark.parametrize(
+  "cfg, error, match",
+  [
+    (optax_gaf.WarmupAutoTau(warmup_steps=-1), ValueError, "warmup_steps"),
+    (optax_gaf.WarmupAutoTau(warmup_steps=10.0), TypeError, "warmup_steps"),
+    (optax_gaf.WarmupAutoTau(warmup_steps=True), TypeError, "warmup_steps"),
+    (optax_gaf.WarmupAutoTau(z=0.0), ValueError, r"WarmupAutoTau\.z"),
+    (optax_gaf.WarmupAutoTau(decay=1.0), ValueError, "WarmupAutoTau.decay"),
+    (optax_gaf.WarmupAutoTau(min_count=0), ValueError, "min_count"),
+    (optax_gaf.WarmupAutoTau(floor=2.5), ValueError, "WarmupAutoTau.floor"),
+  ],
+)
+def test_bad_warmup_auto_tau(cfg, error, match):
+  with pytest.raises(error, match=match):
+    optax_gaf.gaf(cfg)
+
+
+def test_warmup_auto_tau_refused_where_no_state_keeps_it():
+  cfg = optax_gaf.WarmupAutoTau()
+  with pytest.raises(ValueError, match="drop adaptive_tau"):
+    optax_gaf.gaf(cfg, adaptive_tau=optax_gaf.AdaptiveTau())
+  with pytest.raises(TypeError, match="cap must be"):
+    optax_gaf.gaf(optax_gaf.AdaptiveTau(cap=cfg))
+  for make in (_streaming, _accumulator):
+    with pytest.raises(TypeError, match="WarmupAutoTau needs"):
+      make(cfg)
 
 
 def test_adaptive_tau_as_tau_equals_the_deprecated_argument():
