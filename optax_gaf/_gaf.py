@@ -157,8 +157,8 @@ def gaf(
 
   Args:
     tau: cosine distance threshold in ``[0, 2]`` (2: the plain mean), a
-      schedule of the step count, or an :class:`AutoTau` or
-      :class:`AdaptiveTau` policy.
+      schedule of the step count, or a policy: :class:`AutoTau`,
+      :class:`WarmupAutoTau` or :class:`AdaptiveTau`.
     rule: ``"sequential"`` (the paper's), ``"pairwise"``, ``"medoid"``,
       ``"soft"`` (:mod:`optax_gaf.rules`) or a :class:`~optax_gaf.rules.Rule`.
     num_microbatches: N (global, with ``axis_name``): the state then records
