@@ -175,13 +175,14 @@ def test_bad_adaptive_tau(adaptive_tau, error, match):
 # --- AutoTau
 
 
-def _auto_run(rule, granularity, steps=6, n=6, seed=0):
-  """AutoTau through jitted gaf steps, and the float64 oracle alongside.
+def _oracle_run(cfg, want_tau, rule, granularity, steps, n, seed):
+  """A chance-statistics policy through jitted gaf steps, with the float64
+  oracle alongside.
 
-  Yields ``(state, leaves, want_taus)``: ``want_taus`` has one threshold per
-  leaf (per leaf) or one (global), from the oracle's own statistics.
+  ``want_tau(step, stats)`` is the oracle's threshold from its own
+  statistics. Yields ``(state, leaves, updates, want_taus)`` per step,
+  ``want_taus`` one threshold per leaf (per leaf) or one.
   """
-  cfg = optax_gaf.AutoTau(z=1.5, decay=0.8, min_count=3, floor=0.2)
   tx = optax_gaf.gaf(
     cfg, rule=rule, num_microbatches=n, granularity=granularity
   )
@@ -191,15 +192,12 @@ def _auto_run(rule, granularity, steps=6, n=6, seed=0):
   rng = np.random.default_rng(seed)
   groups = len(SHAPES) if granularity == "per_leaf" else 1
   stats = [(0.0, 0.0, 0.0)] * groups
-  for _ in range(steps):
-    want = [
-      oracle.auto_tau(s, cfg.z, cfg.min_count, cfg.warmup_tau, cfg.floor)
-      for s in stats
-    ]
+  for step in range(steps):
+    want = [want_tau(step, s) for s in stats]
     grads = dict(zip("wbk", helpers.make_microgradients(rng, n, SHAPES, 0.4)))
-    leaves = jax.tree.leaves(grads)  # per leaf: in the state's order
-    _, state = update(grads, state, params)
-    yield state, leaves, want
+    leaves = jax.tree.leaves(grads)
+    updates, state = update(grads, state, params)
+    yield state, leaves, updates, want
     parts = [leaves] if groups == 1 else [[x] for x in leaves]
     for g, part in enumerate(parts):
       dist = helpers.ORACLES[rule](oracle.flatten(part), want[g])[2]
@@ -208,6 +206,31 @@ def _auto_run(rule, granularity, steps=6, n=6, seed=0):
     np.testing.assert_allclose(
       np.asarray(state.chance_stats).reshape(groups, 3), stats, rtol=1e-5
     )
+
+
+def _auto_run(rule, granularity, steps=6, n=6, seed=0):
+  """AutoTau through :func:`_oracle_run`; yields ``(state, leaves, want)``."""
+  cfg = optax_gaf.AutoTau(z=1.5, decay=0.8, min_count=3, floor=0.2)
+
+  def want_tau(step, s):
+    del step
+    return oracle.auto_tau(s, cfg.z, cfg.min_count, cfg.warmup_tau, cfg.floor)
+
+  run = _oracle_run(cfg, want_tau, rule, granularity, steps, n, seed)
+  for state, leaves, _, want in run:
+    yield state, leaves, want
+
+
+def _warmup_run(cfg, rule="sequential", granularity="global", steps=7, n=5):
+  """WarmupAutoTau through :func:`_oracle_run`: averaging (tau 2), then the
+  oracle's AutoTau threshold."""
+
+  def want_tau(step, s):
+    if step < cfg.warmup_steps:
+      return 2.0
+    return oracle.auto_tau(s, cfg.z, cfg.min_count, 2.0, cfg.floor)
+
+  return _oracle_run(cfg, want_tau, rule, granularity, steps, n, 4)
 
 
 @pytest.mark.parametrize("rule", ["sequential", "pairwise", "medoid"])
@@ -314,42 +337,6 @@ def test_chance_statistics_and_threshold_match_oracle(
 
 
 # --- WarmupAutoTau
-
-
-def _warmup_run(cfg, rule="sequential", granularity="global", steps=7, n=5):
-  """WarmupAutoTau through jitted gaf steps, and the float64 oracle alongside.
-
-  Yields ``(state, leaves, updates, want_taus)`` per step, ``want_taus`` one
-  threshold per leaf (per leaf) or one, from the oracle's own statistics.
-  """
-  tx = optax_gaf.gaf(
-    cfg, rule=rule, num_microbatches=n, granularity=granularity
-  )
-  params = {k: jnp.zeros(s) for k, s in zip("wbk", SHAPES)}
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  rng = np.random.default_rng(4)
-  groups = len(SHAPES) if granularity == "per_leaf" else 1
-  stats = [(0.0, 0.0, 0.0)] * groups
-  for step in range(steps):
-    want = [
-      2.0
-      if step < cfg.warmup_steps
-      else oracle.auto_tau(s, cfg.z, cfg.min_count, 2.0, cfg.floor)
-      for s in stats
-    ]
-    grads = dict(zip("wbk", helpers.make_microgradients(rng, n, SHAPES, 0.4)))
-    leaves = jax.tree.leaves(grads)
-    updates, state = update(grads, state, params)
-    yield state, leaves, updates, want
-    parts = [leaves] if groups == 1 else [[x] for x in leaves]
-    for g, part in enumerate(parts):
-      dist = helpers.ORACLES[rule](oracle.flatten(part), want[g])[2]
-      assert not oracle.is_ambiguous(dist, want[g])
-      stats[g] = oracle.record_chance(stats[g], dist, cfg.decay)
-    np.testing.assert_allclose(
-      np.asarray(state.chance_stats).reshape(groups, 3), stats, rtol=1e-5
-    )
 
 
 @pytest.mark.parametrize("rule", ["sequential", "pairwise", "medoid"])
