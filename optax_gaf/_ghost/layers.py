@@ -146,14 +146,24 @@ class Layer:
     """The layer of ``op``, or None where this kind cannot take it."""
     return cls(op.operand, op.out, op.apply)
 
+  # Whether ghost_gram takes a residual shared by every microbatch.
+  takes_residual = False
+
   def costs(self, n: int) -> tuple[float | None, float]:
     """FLOPs of ``(ghost Gram or None, forming N microgradients + Gram)``."""
     return None, n * n * math.prod(self.operand.shape)
 
+  def residual_cost(self, n: int) -> float:
+    """FLOPs a shared residual adds to the ghost Gram (``<a_n, r>``)."""
+    del n
+    return math.inf
+
   def ghost_gram(self, others, d, dtype, factors=None) -> jax.Array:
     """``[N, N]`` Gram matrix from the captures alone (when costs has one).
 
-    With ``factors`` (``safe_gram``'s ``[N]``), that of ``f_n g_n``.
+    With ``factors`` (``safe_gram``'s ``[N]``), that of ``f_n g_n``. A
+    class with ``takes_residual`` also takes ``residual=r`` (the operand's
+    layout): the Gram matrix of ``g_n + r``.
     """
     raise NotImplementedError(f"{type(self).__name__} has no ghost Gram.")
 
@@ -194,6 +204,7 @@ class Matmul(Layer):
 
   sizes: tuple[int, int, int, int]
   order: Shape
+  takes_residual = True
 
   def canon(self, x, d):
     """One microbatch's ``([Hb, S, K], [Hb, S, J])``."""
@@ -212,14 +223,24 @@ class Matmul(Layer):
     shape = [self.operand.shape[i] for i in self.order]
     return g.reshape(shape).transpose(np.argsort(self.order))
 
+  def _to_canon(self, w):
+    """The operand ``w`` as ``[Hb, K, J]`` (inverse of ``_from_canon``)."""
+    hb, _, k, j = self.sizes
+    return w.transpose(self.order).reshape(hb, k, j)
+
   def costs(self, n):
     hb, s, k, j = self.sizes
     p = math.prod(self.operand.shape)
     return hb * (n * s) ** 2 * (k + j), n * hb * s * k * j + n * n * p
 
-  def ghost_gram(self, others, d, dtype, factors=None):
+  def residual_cost(self, n):
+    hb, s, k, j = self.sizes
+    return n * hb * s * k * j
+
+  def ghost_gram(self, others, d, dtype, factors=None, residual=None):
     x, d = self._canonical(others, d)
-    return numerics.matmul_gram(x, d, dtype, factors)
+    r = None if residual is None else self._to_canon(residual)
+    return numerics.matmul_gram(x, d, dtype, factors, r)
 
   def per_example(self, others, d):
     if not self.as_matmuls(d.shape[0]):

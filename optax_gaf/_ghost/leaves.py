@@ -15,7 +15,13 @@ Each has ``gram(f)`` (``f``: None, or the rescaling factors ``[N]``),
 ``prepare()`` (forms what ``combine`` needs outside ``lax.cond``) and
 ``stacked()`` (its N microgradients, formed, for the collectives of
 ``gaf(axis_name=...)``); its ``route`` names it in
-``GhostMicrogradients.routes``.
+``GhostMicrogradients.routes``, its ``residual`` (None, ``"shared"`` or
+``"per_microbatch"``) in ``GhostMicrogradients.residuals``.
+
+A layer's leaf that the loss also reads elsewhere (an L2 term) adds those
+reads' gradient, the residual, formed by autodiff: once when no microbatch
+changes it (:class:`GhostResidualLeaf`), else per microbatch, added to the
+layer's formed microgradients.
 """
 
 import jax
@@ -41,6 +47,7 @@ class UnusedLeaf:
   """A leaf the loss never reads: zero microgradients."""
 
   route = "unused"
+  residual = None
 
   def __init__(self, n, dtype, aval):
     self._n, self._dtype, self._aval = n, dtype, aval
@@ -64,12 +71,12 @@ class UnusedLeaf:
 
 
 class DirectLeaf:
-  """A leaf with per-microbatch gradients ``g [N, ...]`` from autodiff."""
+  """A leaf with per-microbatch gradients ``g [N, ...]`` from autodiff (or
+  a layer's formed microgradients plus a residual: ``route`` says which)."""
 
-  route = "direct"
-
-  def __init__(self, g, dtype):
+  def __init__(self, g, dtype, route="direct", residual=None):
     self._g, self._dtype = g, dtype
+    self.route, self.residual = route, residual
 
   def prepare(self):
     pass
@@ -90,6 +97,8 @@ class DirectLeaf:
 
 class LayerLeaf:
   """A leaf read by one layer: its captures ``others`` (x) and ``d``."""
+
+  residual = None
 
   def __init__(self, site, others, d, aval, dtype):
     self._site, self._layer = site, site.layer
@@ -136,6 +145,37 @@ class GhostLayerLeaf(LayerLeaf):
     return self._site.to_leaf(g, self._aval)
 
 
+class GhostResidualLeaf(GhostLayerLeaf):
+  """A ghost layer leaf also read outside its layer (an L2 term), with a
+  residual ``r`` that is the same for every microbatch.
+
+  ``<a_n + r, a_m + r>`` takes ``<a_n, r> = sum_s x_ns^T r d_ns`` (one pass
+  over the captures, as the layer's forward) besides the ghost Gram matrix;
+  the weighted sum is ``x^T (w * d) + (sum_n w_n) r``.
+  """
+
+  residual = "shared"
+
+  def __init__(self, site, others, d, aval, dtype, r):
+    super().__init__(site, others, d, aval, dtype)
+    self._r = r
+
+  def gram(self, f):
+    r = self._site.operand_of(self._r, cast=False)
+    return self._layer.ghost_gram(self._others, self._d, self._dtype, f, r)
+
+  def max_abs(self):
+    return super().max_abs() + _gram.max_abs([self._r[None]])[0][0]
+
+  def combine(self, w, ok):
+    g = super().combine(w, ok)
+    total = jnp.sum(w if ok is None else jnp.where(ok, w, 0))
+    return g + total.astype(g.dtype) * self._r.astype(g.dtype)
+
+  def stacked(self):
+    return super().stacked() + self._r.astype(self._aval.dtype)
+
+
 class MaterializedLayerLeaf(LayerLeaf):
   """The layer's N microgradients, formed once for Gram and combine."""
 
@@ -161,9 +201,16 @@ class MaterializedLayerLeaf(LayerLeaf):
     return self._site.to_leaf(g, self._aval)
 
 
-def _layer_leaf(site, n: int, route: str):
-  """The cheaper of ghost and materialize for one layer (or as forced)."""
+def _layer_leaf(site, n: int, route: str, residual: bool = False):
+  """The cheaper of ghost and materialize for one layer (or as forced).
+
+  ``residual``: the leaf has a residual shared by every microbatch, which
+  the ghost route takes where the layer's class can (``takes_residual``).
+  """
   ghost, materialize = site.layer.costs(n)
+  if residual and ghost is not None:
+    ok = site.layer.takes_residual
+    ghost = ghost + site.layer.residual_cost(n) if ok else None
   if ghost is None or route == "materialize":
     return MaterializedLayerLeaf
   if route == "ghost" or ghost <= materialize:
@@ -171,15 +218,36 @@ def _layer_leaf(site, n: int, route: str):
   return MaterializedLayerLeaf
 
 
-def per_leaf(plan, n, route, avals, captures, ds, direct) -> list:
-  """One object per params leaf, which forms its Gram matrix and sum."""
+def _site_leaf(site, n, route, aval, others, d, r, dtype):
+  """A site's leaf; ``r``: None, its residual ``[...]`` shared by every
+  microbatch, or ``[N, ...]`` per microbatch."""
+  shared = r is not None and r.ndim == len(aval.shape)
+  cls = _layer_leaf(site, n, route, residual=shared)
+  if r is None:
+    return cls(site, others, d, aval, dtype)
+  if shared and cls is GhostLayerLeaf:
+    return GhostResidualLeaf(site, others, d, aval, dtype, r)
+  # Formed (materialize), plus the residual: the stacked route's cost.
+  g = cls(site, others, d, aval, dtype).stacked().astype(aval.dtype)
+  kind = "shared" if shared else "per_microbatch"
+  return DirectLeaf(g + r.astype(aval.dtype), dtype, "materialize", kind)
+
+
+def per_leaf(plan, n, route, avals, captures, ds, grads) -> list:
+  """One object per params leaf, which forms its Gram matrix and sum.
+
+  ``grads`` maps a leaf's index to autodiff's gradient: ``[N, ...]`` for a
+  direct leaf or a residual that differs per microbatch, ``[...]`` for a
+  residual shared by every microbatch.
+  """
   dtype = _gram.stat_dtype(
     [jax.ShapeDtypeStruct((n, *a.shape), a.dtype) for a in avals]
   )
   out = [UnusedLeaf(n, dtype, a) for a in avals]
-  for i, g in zip(plan.direct, direct):
-    out[i] = DirectLeaf(g, dtype)
+  for i in plan.direct:
+    out[i] = DirectLeaf(grads[i], dtype)
   for site, others, d in zip(plan.sites, captures, ds):
-    cls = _layer_leaf(site, n, route)
-    out[site.leaf] = cls(site, others, d, avals[site.leaf], dtype)
+    i = site.leaf
+    r = grads[i] if site.residual else None
+    out[i] = _site_leaf(site, n, route, avals[i], others, d, r, dtype)
   return out

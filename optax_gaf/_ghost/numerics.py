@@ -133,7 +133,24 @@ def _token_gram(x, d, dtype):
   return prods.reshape(hb, n, s, n, s).sum(axis=(0, 2, 4)), b
 
 
-def _centred_gram(x, d, dtype) -> jax.Array:
+def _with_residual(gram, x, d, res, dtype):
+  """``(gram + <a_n, r_m> + <r_n, a_m> + <r_n, r_m>, error scale [N])``.
+
+  ``res`` is None or ``(r [Hb, K, J], rho [N])``: microbatch n's residual is
+  ``rho_n r`` (a residual shared by all, in each row's scale). ``<a_n, r>``
+  is one pass over the captures, ``sum_s x_ns^T r d_ns``.
+  """
+  if res is None:
+    return gram, 0.0
+  r, rho = res
+  c = jnp.einsum("nhsk,hkj,nhsj->n", x, r, d, **_kw(dtype))
+  rr = jnp.sum(jnp.square(r.astype(dtype)))
+  cross = c[:, None] * rho[None, :]
+  gram = gram + cross + cross.T + rho[:, None] * rho[None, :] * rr
+  return gram, 2 * rho * jnp.abs(c) + rho * rho * rr
+
+
+def _centred_gram(x, d, dtype, res=None) -> jax.Array:
   """The Gram matrix with every microbatch's inputs centred (step 2), and
   exact rows for those that still lose precision (steps 3, 4).
 
@@ -145,17 +162,32 @@ def _centred_gram(x, d, dtype) -> jax.Array:
   x = jnp.concatenate([x - mu, mu], axis=2)
   d = jnp.concatenate([d, jnp.sum(d, axis=2, keepdims=True)], axis=2)
   gram, b = _token_gram(x, d, dtype)
+  gram, extra = _with_residual(gram, x, d, res, dtype)
 
   def row(n):
     ein = lambda spec, *ops: jnp.einsum(spec, *ops, **_kw(dtype))
     g = ein("hsk,hsj->hkj", x[n], d[n])
-    return ein("mhsk,hkj,mhsj->m", x, g, d).at[n].set(jnp.sum(g * g))
+    if res is not None:  # g_n = a_n + rho_n r
+      g = g + res[1][n] * res[0]
+    out = ein("mhsk,hkj,mhsj->m", x, g, d)
+    if res is not None:  # against every a_m + rho_m r
+      out = out + res[1] * jnp.sum(g * res[0])
+    return out.at[n].set(jnp.sum(g * g))
 
-  return with_exact_rows(gram, flagged(gram, b), row)
+  return with_exact_rows(gram, flagged(gram, b + extra), row)
 
 
-def matmul_gram(x, d, dtype, factors=None) -> jax.Array:
-  """The Gram matrix of ``g_n = sum_h x_nh^T d_nh`` (steps 1 to 4).
+def _residual(residual, e, dtype):
+  """``(res, e)`` for :func:`_with_residual`: ``r`` scaled to ``[0.5, 1)``,
+  and each row's exponent raised to cover it (``rho_n <= 1``)."""
+  r, er = scaled(residual[None], dtype)
+  top = jnp.maximum(e, er[0])
+  rho = _times_pow2(jnp.ones(e.shape, dtype), er[0] - top)
+  return (r[0].astype(dtype), rho), top
+
+
+def matmul_gram(x, d, dtype, factors=None, residual=None) -> jax.Array:
+  """The Gram matrix of ``g_n = sum_h x_nh^T d_nh (+ r)`` (steps 1 to 4).
 
   Centring and exact rows are taken only on a step where the plain ghost
   sum flags a microbatch: then the matrix is taken again, centred.
@@ -165,15 +197,22 @@ def matmul_gram(x, d, dtype, factors=None) -> jax.Array:
     d: ``[N, Hb, S, J]`` output gradients.
     dtype: the statistics' dtype.
     factors: None, or ``safe_gram``'s ``[N]`` factors.
+    residual: None, or ``r [Hb, K, J]`` added to every microgradient (the
+      gradient of reads outside the layer that no microbatch changes).
   """
   x, ex = scaled(x, dtype)
   d, ed = scaled(d, dtype)
+  e, res = ex + ed, None
+  if residual is not None:
+    res, top = _residual(residual, e, dtype)
+    d, e = _times_pow2(d, e - top), top  # rows scaled to cover r too
   gram, b = _token_gram(x, d, dtype)
-  if x.shape[2] > 1:  # one token: nothing to centre, nothing cancels
+  gram, extra = _with_residual(gram, x, d, res, dtype)
+  if x.shape[2] > 1 or res is not None:  # one token alone cancels nothing
     gram = jax.lax.cond(
-      jnp.any(flagged(gram, b)),
-      lambda g: _centred_gram(x, d, dtype),
+      jnp.any(flagged(gram, b + extra)),
+      lambda g: _centred_gram(x, d, dtype, res),
       lambda g: g,
       gram,
     )
-  return finish(gram, ex + ed, factors)
+  return finish(gram, e, factors)

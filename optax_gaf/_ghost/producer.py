@@ -24,6 +24,7 @@ rule, threshold and state works unchanged.
 
 import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -74,12 +75,17 @@ class GhostMicrogradients:
       the stacked microgradients this object stands for.
     routes: per parameter leaf, ``"ghost"``, ``"materialize"``, ``"direct"``
       or ``"unused"`` (how its Gram matrix is formed).
+    residuals: per parameter leaf, None, or for a layer's leaf the loss
+      also reads elsewhere (an L2 term), ``"shared"`` (those reads'
+      gradient is the same for every microbatch: taken once) or
+      ``"per_microbatch"`` (formed per microbatch, as the stacked route).
   """
 
   def __init__(self, per_leaf, n, treedef, avals):
     self._per_leaf, self._avals = per_leaf, avals
     self.num_microbatches, self.treedef = n, treedef
     self.routes = [leaf.route for leaf in per_leaf]
+    self.residuals = [leaf.residual for leaf in per_leaf]
     self.virtual_leaves = [
       jax.ShapeDtypeStruct((n, *a.shape), a.dtype) for a in avals
     ]
@@ -225,6 +231,39 @@ def _check_plan(plan, has_aux: bool) -> None:
     )
 
 
+# A direct leaf this large costs N copies worth a warning (a 256 x 256
+# kernel); LayerNorm scales and biases stay quiet.
+WARN_SIZE = 2**16
+_WARNED: set = set()
+
+
+def _warn_direct(plan, params, n: int) -> None:
+  """Warns once per leaf, at trace time, when a large leaf goes direct."""
+  path_leaves = jax.tree_util.tree_leaves_with_path(params)
+  for i in plan.direct:
+    path, x = path_leaves[i]
+    key = (jax.tree_util.keystr(path), np.shape(x), plan.layer_reads[i])
+    if np.size(x) < WARN_SIZE or key in _WARNED:
+      continue
+    _WARNED.add(key)
+    k = plan.layer_reads[i]
+    why = (
+      f"{k} layers read it (tied weights)"
+      if k > 1
+      else "no layer the ghost route knows reads it: it is read inside"
+      " lax.scan, a while loop or a custom derivative, or only"
+      " non-linearly"
+    )
+    warnings.warn(
+      f"ghost_microgradients: params leaf {key[0]} {key[1]} takes the"
+      f" direct route because {why}. Autodiff forms its {n} microgradients"
+      f" from {n} copies of it, as costly as microbatch_grads for this leaf"
+      " (for a convolution kernel, far more). Read it in one layer (untie"
+      " the weights, unroll the loop), or use microbatch_grads.",
+      stacklevel=3,
+    )
+
+
 def _static_args(loss_fn, args):
   """``(fn, arrays)``: ``loss_fn`` with the non-array leaves of ``args``
   (Python bools, numbers, callables) closed over, as ``microbatch_grads``
@@ -245,11 +284,57 @@ def _static_args(loss_fn, args):
   return fn, [leaves[i] for i in arrays]
 
 
-def _capture(plan, n, params, micro, args, has_aux):
-  """One vmapped forward and backward: losses, aux and the layer captures."""
+def _run_loss(plan, has_aux, full, mb, args, zs, originals):
+  """``(loss, (value, captures))`` of one microbatch, through ``trace.run``."""
+  flat = list(full) + jax.tree.leaves(mb) + list(args)
+  outs, caps = trace.run(plan, flat, zs, originals)
+  value = plan.out_tree.unflatten(outs)
+  return (value[0] if has_aux else value), (value, caps)
+
+
+def _with(leaves, index, values) -> list:
+  full = list(leaves)
+  for i, x in zip(index, values):
+    full[i] = x
+  return full
+
+
+def _residual_leaves(plan, params, one, args, has_aux) -> tuple[list, list]:
+  """``(per microbatch, shared)``: the residual sites' leaves, split by
+  whether their residual may differ between microbatches (an L2 term's
+  does not: it is taken once)."""
+  index = [s.leaf for s in plan.sites if s.residual]
+  if not index:
+    return [], []
+  leaves, one_leaves = jax.tree.leaves(params), jax.tree.leaves(one)
+  n_p, n_mb = len(leaves), len(one_leaves)
+  zs = [jnp.zeros(s.layer.out.shape, s.layer.out.dtype) for s in plan.sites]
+
+  def residuals(*xs):
+    flat, rest = list(xs[:n_p]), xs[n_p + n_mb :]
+    mb = jax.tree.unflatten(jax.tree.structure(one), xs[n_p : n_p + n_mb])
+    loss = lambda c: _run_loss(
+      plan, has_aux, _with(flat, index, c), mb, rest, zs, flat
+    )[0]
+    return jax.grad(loss)([flat[i] for i in index])
+
+  tainted = [False] * n_p + [True] * n_mb + [False] * len(args)
+  deps = trace.data_dependent(residuals, (*leaves, *one_leaves, *args), tainted)
+  per = [i for i, dep in zip(index, deps) if dep]
+  return per, [i for i, dep in zip(index, deps) if not dep]
+
+
+def _capture(plan, n, params, micro, args, has_aux, residual):
+  """One vmapped forward and backward: losses, aux and the layer captures.
+
+  ``residual`` is ``(per microbatch, shared)`` from :func:`_residual_leaves`.
+  Returns ``(value, captures, ds, grads)``, ``grads`` mapping each direct and
+  residual leaf to its gradient (``[N, ...]``, or ``[...]`` when shared).
+  """
   leaves = jax.tree.leaves(params)
+  batched, shared = list(plan.direct) + residual[0], residual[1]
   stacked = [
-    jnp.broadcast_to(leaves[i], (n, *leaves[i].shape)) for i in plan.direct
+    jnp.broadcast_to(leaves[i], (n, *leaves[i].shape)) for i in batched
   ]
   outs = [s.layer.out for s in plan.sites]
   zs = [jnp.zeros((n, *o.shape), o.dtype) for o in outs]
@@ -257,25 +342,27 @@ def _capture(plan, n, params, micro, args, has_aux):
   # Inside shard_map: per-device gradients, not their psum over devices.
   axes = _micro_axes(micro)
   stacked = [layers.varying(x, axes) for x in stacked]
+  once = [layers.varying(leaves[i], axes) for i in shared]
   zs = [layers.varying(z, axes) for z in zs]
+  originals = leaves if residual[0] or shared else None
   arg_leaves = jax.tree.leaves(args)
 
-  def one(direct, z, mb):
-    full = list(leaves)
-    for i, x in zip(plan.direct, direct):
-      full[i] = x
-    outs, caps = trace.run(plan, full + jax.tree.leaves(mb) + arg_leaves, z)
-    value = plan.out_tree.unflatten(outs)
-    loss = value[0] if has_aux else value
-    return loss, (value, caps)
+  def one(direct, once, z, mb):
+    full = _with(_with(leaves, batched, direct), shared, once)
+    return _run_loss(plan, has_aux, full, mb, arg_leaves, z, originals)
 
-  def total(direct, z):
-    losses, rest = jax.vmap(one)(direct, z, micro)
+  def total(direct, once, z):
+    losses, rest = jax.vmap(one, in_axes=(0, None, 0, 0))(
+      direct, once, z, micro
+    )
     return jnp.sum(losses), rest
 
-  grad = jax.grad(total, argnums=(0, 1), has_aux=True)
-  (direct, ds), (value, caps) = grad(stacked, zs)
-  return value, caps, ds, direct
+  grad = jax.grad(total, argnums=(0, 1, 2), has_aux=True)
+  (direct, once, ds), (value, caps) = grad(stacked, once, zs)
+  grads = dict(zip(batched, direct))
+  # The same residual in every microbatch: their sum over N, divided.
+  grads.update((i, g / n) for i, g in zip(shared, once))
+  return value, caps, ds, grads
 
 
 def _micro_axes(micro) -> frozenset:
@@ -389,13 +476,17 @@ def ghost_microgradients(
     loss_of, arrays = _static_args(loss_fn, args)
     plan = trace.find_sites(loss_of, params, one, *arrays)
     _check_plan(plan, has_aux)
-    value, caps, ds, direct = _capture(plan, n, params, micro, arrays, has_aux)
-    caps, ds, direct = _gathered((caps, ds, direct), micro)
+    _warn_direct(plan, params, n)
+    residual = _residual_leaves(plan, params, one, arrays, has_aux)
+    value, caps, ds, grads = _capture(
+      plan, n, params, micro, arrays, has_aux, residual
+    )
+    caps, ds, grads = _gathered((caps, ds, grads), micro)
     avals = [
       jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
       for x in jax.tree.leaves(params)
     ]
-    per_leaf = leaves.per_leaf(plan, n, route, avals, caps, ds, direct)
+    per_leaf = leaves.per_leaf(plan, n, route, avals, caps, ds, grads)
     treedef = jax.tree.structure(params)
     return value, GhostMicrogradients(per_leaf, n, treedef, avals)
 

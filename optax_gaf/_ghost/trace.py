@@ -11,7 +11,10 @@ The only module of optax_gaf that reads jaxpr equations. It traces
   function of that layer's other operand ``x`` and output gradient ``d``
   alone, which :func:`run` captures. Each site holds a typed layer object
   (the registered class, or :class:`~optax_gaf._ghost.layers.Opaque` where
-  that class declines);
+  that class declines). A site leaf may also be read outside its layer (an
+  L2 term in the loss, a weight norm): those reads add a **residual** to its
+  gradient, which autodiff forms (:func:`data_dependent` tells whether it
+  differs between microbatches);
 - an **unused** leaf has a zero gradient;
 - every other leaf (LayerNorm scales, biases, tied weights, parameters read
   inside a ``scan`` or a custom derivative) is **direct**: autodiff forms its
@@ -53,6 +56,8 @@ class Site:
     param_pos: which operand of the layer is (derived from) the parameter.
     layer: the typed layer (``layers.Dense``, ``layers.Conv``...).
     chain: the structural equations from the leaf to that operand.
+    residual: whether the leaf is also read outside this layer (an L2
+      term, a norm): its gradient adds those reads' part, the residual.
   """
 
   path: tuple[int, ...]
@@ -60,11 +65,18 @@ class Site:
   param_pos: int
   layer: layers.Layer
   chain: tuple[Any, ...]
+  residual: bool = False
 
-  def operand_of(self, leaf: jax.Array) -> jax.Array:
-    """The layer's parameter operand, from the leaf (replays the chain)."""
+  def operand_of(self, leaf: jax.Array, cast: bool = True) -> jax.Array:
+    """The layer's parameter operand, from the leaf (replays the chain).
+
+    With ``cast=False`` the chain's dtype casts are skipped: the operand's
+    layout in the leaf's dtype (a residual added to float32 gradients must
+    not be rounded to a bfloat16 operand's precision first).
+    """
     for eqn in self.chain:
-      leaf = _bind(eqn, [leaf])[0]
+      if cast or eqn.primitive.name != "convert_element_type":
+        leaf = _bind(eqn, [leaf])[0]
     return leaf
 
   def to_leaf(self, operand_grad: jax.Array, leaf_aval) -> jax.Array:
@@ -86,6 +98,7 @@ class Plan:
   sites: tuple[Site, ...]
   direct: tuple[int, ...]
   unused: tuple[int, ...]
+  layer_reads: tuple[int, ...] = ()  # per leaf: how many layers read it
 
 
 def _inner(eqn) -> tuple[Any, list] | None:
@@ -186,6 +199,11 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
             uses[o[0]].append(None)
 
 
+def _one_layer(uses: list) -> bool:
+  """Whether one layer reads the leaf; other reads (None) are a residual."""
+  return sum(u is not None for u in uses) == 1
+
+
 def find_sites(fn, params, *args) -> Plan:
   """Traces ``fn(params, *args)`` and sorts the leaves of ``params``.
 
@@ -207,10 +225,10 @@ def find_sites(fn, params, *args) -> Plan:
     if isinstance(v, jcore.Var) and v in origins:
       uses[origins[v][0]].append(None)
   sites = tuple(
-    Site(path, leaf, k, _layer(eqn, k), chain)
+    Site(path, leaf, k, _layer(eqn, k), chain, residual=len(u) > 1)
     for leaf, u in uses.items()
-    if len(u) == 1 and u[0] is not None
-    for path, eqn, k, chain in u
+    if _one_layer(u)
+    for path, eqn, k, chain in filter(None, u)
   )
   site_leaves = {s.leaf for s in sites}
   return Plan(
@@ -221,10 +239,16 @@ def find_sites(fn, params, *args) -> Plan:
     sites=sites,
     direct=tuple(i for i in range(n) if uses[i] and i not in site_leaves),
     unused=tuple(i for i in range(n) if not uses[i]),
+    layer_reads=tuple(sum(u is not None for u in uses[i]) for i in range(n)),
   )
 
 
-def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
+def run(
+  plan: Plan,
+  flat_args: Sequence[Any],
+  zs: Sequence[jax.Array],
+  originals: Sequence[Any] | None = None,
+):
   """Evaluates the traced function, adding ``zs[k]`` to site k's output.
 
   Args:
@@ -232,6 +256,9 @@ def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
     flat_args: the flat leaves of ``(params, *args)``.
     zs: one array per site, shaped like its output: the gradient with
       respect to it is the site's output gradient ``d``.
+    originals: the params leaves the layers of residual sites read (their
+      other reads take ``flat_args``' copy, whose gradient is then the
+      residual alone); None reads ``flat_args`` everywhere.
 
   Returns:
     ``(outputs, captures)``: the function's flat outputs, and per site the
@@ -252,6 +279,10 @@ def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
     for i, eqn in enumerate(jaxpr.eqns):
       here = path + (i,)
       ins = [read(v) for v in eqn.invars]
+      if here in index and originals is not None:
+        site = plan.sites[index[here]]
+        if site.residual:
+          ins[site.param_pos] = site.operand_of(originals[site.leaf])
       if here in calls:  # a call with a site inside: step in
         outs, inner = _step_in(eqn, ins, here)
         captures.update(inner)
@@ -277,3 +308,37 @@ def run(plan: Plan, flat_args: Sequence[Any], zs: Sequence[jax.Array]):
 
   outs, captures = go(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(flat_args), ())
   return outs, [captures[k] for k in range(len(plan.sites))]
+
+
+def _taint(jaxpr, tainted: Sequence[bool]) -> list[bool]:
+  """Which outputs of ``jaxpr`` may depend on its tainted inputs.
+
+  Forward, conservative: an equation's outputs are tainted when any input
+  is, except that calls are followed (a jitted block's parameter path stays
+  clean when only its data path is tainted).
+  """
+  dirty = {v for v, t in zip(jaxpr.invars, tainted) if t}
+  for eqn in jaxpr.eqns:
+    ins = [isinstance(v, jcore.Var) and v in dirty for v in eqn.invars]
+    if not any(ins):
+      continue
+    inner = _inner(eqn)
+    outs = _taint(inner[0], ins) if inner else [True] * len(eqn.outvars)
+    dirty.update(v for v, t in zip(eqn.outvars, outs) if t)
+  return [isinstance(v, jcore.Var) and v in dirty for v in jaxpr.outvars]
+
+
+def data_dependent(fn, args, tainted: Sequence[bool]) -> list[bool]:
+  """Which outputs of ``fn(*args)`` may depend on its tainted inputs.
+
+  Args:
+    fn: a function of flat arrays (a residual's gradient, say).
+    args: its arguments (arrays or ``jax.ShapeDtypeStruct``).
+    tainted: per argument, whether it varies between microbatches.
+
+  Returns:
+    Per flat output, False where the output is provably the same for every
+    value of the tainted arguments (an L2 term's gradient).
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  return _taint(closed.jaxpr, tainted)

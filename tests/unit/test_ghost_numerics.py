@@ -94,3 +94,65 @@ def test_bfloat16_captures_stay_bfloat16_with_float32_sums():
   assert gram.dtype == jnp.float32
   flat = microgradients(x, d)
   assert cosine_error(gram, flat @ flat.T) < 1e-6
+
+
+def residual_case(hb, scales, seed=0):
+  """float32 captures per microbatch ``scales`` apart and a residual."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  n = len(scales)
+  x = jax.random.normal(keys[0], (n, hb, 5, 3))
+  d = jax.random.normal(keys[1], (n, hb, 5, 2))
+  r = jax.random.normal(keys[2], (hb, 3, 2))
+  x = x * jnp.asarray(scales, jnp.float32).reshape(n, 1, 1, 1)
+  return x, d, r
+
+
+@pytest.mark.parametrize("hb", [1, 2])
+@pytest.mark.parametrize(
+  "scales, r_scale",
+  [
+    ([1.0, 2.0, 0.5, 1.0], 1.0),
+    ([1e20, 1e-20, 1.0, 1e5], 1e3),
+    ([1.0] * 4, 1e30),
+  ],
+)
+def test_residual_gram_against_float64(hb, scales, r_scale):
+  """The Gram matrix of ``f_n (a_n + r)``, with captures and residual of
+  any float32 scales and ``safe_gram``-like factors ``f_n = 1 / max|g_n|``
+  (the plain Gram matrix would overflow), is the float64 oracle's."""
+  x, d, r = residual_case(hb, scales)
+  r = r * r_scale
+  flat = microgradients(x, d) + np.asarray(r, np.float64).reshape(1, -1)
+  f = 1 / np.max(np.abs(flat), axis=1)
+  gram = numerics.matmul_gram(x, d, jnp.float32, jnp.asarray(f, jnp.float32), r)
+  flat = flat * f[:, None]
+  assert cosine_error(gram, flat @ flat.T) < 1e-5
+
+
+def test_residual_that_cancels_a_microgradient_gets_an_exact_row():
+  """``r = -a_0 (1 - 1e-4)``: ``g_0`` is 1e-4 of its parts, which the sum
+  ``|a|^2 + 2<a, r> + |r|^2`` loses in float32; the flagged row is formed
+  exactly."""
+  x, d, _ = residual_case(1, [1.0] * 4, seed=3)
+  a0 = np.einsum("sk,sj->kj", np.asarray(x[0, 0]), np.asarray(d[0, 0]))
+  r = jnp.asarray(-a0 * (1 - 1e-4), jnp.float32)[None]
+  gram = numerics.matmul_gram(x, d, jnp.float32, residual=r)
+  flat = microgradients(x, d) + np.asarray(r, np.float64).reshape(1, -1)
+  want = flat @ flat.T
+  np.testing.assert_allclose(gram[0, 0], want[0, 0], rtol=1e-3)
+  assert cosine_error(gram, want) < 1e-3
+
+
+def test_residual_with_factors_matches_scaled_oracle():
+  x, d, r = residual_case(2, [1.0, 3.0, 1.0, 0.25])
+  f = jnp.array([0.5, 0.0, 2.0, 1.0])
+  gram = numerics.matmul_gram(x, d, jnp.float32, factors=f, residual=r)
+  flat = microgradients(x, d) + np.asarray(r, np.float64).reshape(1, -1)
+  flat = flat * np.asarray(f, np.float64)[:, None]
+  want = flat @ flat.T
+  np.testing.assert_array_equal(np.asarray(gram)[1], 0.0)
+  keep = [0, 2, 3]
+  err = cosine_error(
+    np.asarray(gram)[np.ix_(keep, keep)], want[np.ix_(keep, keep)]
+  )
+  assert err < 1e-5

@@ -104,15 +104,42 @@ def test_structural_chain_is_replayed_and_mapped_back():
   np.testing.assert_array_equal(back, g.reshape(3, 5))
 
 
-def test_a_leaf_returned_as_output_is_direct():
-  params = {"w": jnp.ones((5, 3)), "v": jnp.ones((5, 3))}
+def test_a_leaf_also_read_outside_its_layer_is_a_residual_site():
+  """A leaf returned as an output, or in an L2 term, besides its one layer:
+  a site whose other reads are a residual; read outside layers only, or
+  by two layers: direct."""
+  params = {"w": jnp.ones((5, 3)), "v": jnp.ones((5, 3)), "u": jnp.ones(5)}
 
   def loss(p, x):
-    return jnp.sum(x @ p["w"]), (p["v"], x @ p["v"])
+    l2 = jnp.sum(p["w"] ** 2) + jnp.sum(p["u"] ** 2)
+    return jnp.sum(x @ p["w"]) + l2, (p["v"], x @ p["v"])
 
-  plan = plan_of(loss, params)
-  assert layer_kinds(plan) == {1: layers.Dense} and plan.direct == (0,)
+  plan = plan_of(loss, params)  # leaves: u, v, w
+  assert layer_kinds(plan) == {1: layers.Dense, 2: layers.Dense}
+  assert [s.residual for s in plan.sites] == [True, True]
+  assert plan.direct == (0,)
   assert plan.out_tree == jax.tree.structure((0, (0, 0)))
+
+
+def test_data_dependence_of_outputs():
+  """Tainted inputs taint what they reach, through jit calls; an output
+  built from untainted inputs alone is clean."""
+
+  @jax.jit
+  def block(w, x):
+    return 2 * w, jnp.sin(x) * w
+
+  def fn(w, x):
+    a, b = block(w, x)
+    return a + 1, b, jnp.sum(w**2) * jnp.mean(x)
+
+  w, x = jnp.ones(3), jnp.ones(3)
+  assert trace.data_dependent(fn, (w, x), [False, True]) == [
+    False,
+    True,
+    True,
+  ]
+  assert trace.data_dependent(fn, (w, x), [False, False]) == [False] * 3
 
 
 def test_declined_kinds_are_opaque():
