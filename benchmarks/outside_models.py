@@ -170,13 +170,12 @@ def _leaf_routes(ghost):
   """``[path, size, route]`` per leaf (``materialize*``: an Opaque layer)."""
   paths = jax.tree_util.tree_flatten_with_path(ghost.tree())[0]
   out = []
-  for (path, _), leaf, route, aval in zip(
-    paths, ghost._per_leaf, ghost.routes, ghost._avals
+  for (path, _), kind, route, aval in zip(
+    paths, ghost.kinds, ghost.routes, ghost.virtual_leaves
   ):
-    layer = type(getattr(leaf, "_layer", None)).__name__
-    route = "materialize*" if layer == "Opaque" else route
+    route = "materialize*" if kind == "Opaque" else route
     name = jax.tree_util.keystr(path).removesuffix(".value")
-    out.append([name, int(np.prod(aval.shape)), route])
+    out.append([name, int(np.prod(aval.shape[1:])), route])
   return out
 
 

@@ -47,7 +47,7 @@ class UnusedLeaf:
   """A leaf the loss never reads: zero microgradients."""
 
   route = "unused"
-  residual = None
+  residual = kind = None
 
   def __init__(self, n, dtype, aval):
     self._n, self._dtype, self._aval = n, dtype, aval
@@ -74,9 +74,9 @@ class DirectLeaf:
   """A leaf with per-microbatch gradients ``g [N, ...]`` from autodiff (or
   a layer's formed microgradients plus a residual: ``route`` says which)."""
 
-  def __init__(self, g, dtype, route="direct", residual=None):
+  def __init__(self, g, dtype, route="direct", residual=None, kind=None):
     self._g, self._dtype = g, dtype
-    self.route, self.residual = route, residual
+    self.route, self.residual, self.kind = route, residual, kind
 
   def prepare(self):
     pass
@@ -102,6 +102,7 @@ class LayerLeaf:
 
   def __init__(self, site, others, d, aval, dtype):
     self._site, self._layer = site, site.layer
+    self.kind = type(site.layer).__name__
     self._others, self._d = others, d
     self._aval, self._dtype = aval, dtype
 
@@ -229,8 +230,10 @@ def _site_leaf(site, n, route, aval, others, d, r, dtype):
     return GhostResidualLeaf(site, others, d, aval, dtype, r)
   # Formed (materialize), plus the residual: the stacked route's cost.
   g = cls(site, others, d, aval, dtype).stacked().astype(aval.dtype)
-  kind = "shared" if shared else "per_microbatch"
-  return DirectLeaf(g + r.astype(aval.dtype), dtype, "materialize", kind)
+  residual = "shared" if shared else "per_microbatch"
+  g = g + r.astype(aval.dtype)
+  kind = type(site.layer).__name__
+  return DirectLeaf(g, dtype, "materialize", residual, kind)
 
 
 def per_leaf(plan, n, route, avals, captures, ds, grads) -> list:

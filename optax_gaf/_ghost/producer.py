@@ -80,6 +80,9 @@ class GhostMicrogradients:
       also reads elsewhere (an L2 term), ``"shared"`` (those reads'
       gradient is the same for every microbatch: taken once) or
       ``"per_microbatch"`` (formed per microbatch, as the stacked route).
+    kinds: per parameter leaf, the class name of the layer that reads it
+      (``"Dense"``, ``"Conv"``, ``"Embedding"``, ``"Opaque"``: no maths of
+      its own, per-example ``jax.vjp``), or None (direct, unused).
   """
 
   def __init__(self, per_leaf, n, treedef, avals):
@@ -87,6 +90,7 @@ class GhostMicrogradients:
     self.num_microbatches, self.treedef = n, treedef
     self.routes = [leaf.route for leaf in per_leaf]
     self.residuals = [leaf.residual for leaf in per_leaf]
+    self.kinds = [leaf.kind for leaf in per_leaf]
     self.virtual_leaves = [
       jax.ShapeDtypeStruct((n, *a.shape), a.dtype) for a in avals
     ]

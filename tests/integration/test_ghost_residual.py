@@ -58,9 +58,11 @@ def ghost_of(loss, params, batch, route="auto"):
   def run(p, b):
     ghost = optax_gaf.ghost_microgradients(loss, N, route=route)(p, b)[1]
     out["routes"], out["residuals"] = ghost.routes, ghost.residuals
+    out["kinds"] = ghost.kinds
     return ghost.gram(), ghost.combine(jnp.arange(N) / N, jnp.ones(N, bool))
 
   gram, combined = jax.jit(run)(params, batch)
+  assert out["kinds"] == [None, "Conv", "Dense"]  # bias, conv, dense
   return gram, combined, out["routes"], out["residuals"]
 
 
