@@ -7,6 +7,7 @@ matrix, the microgradients and their weighted sum that ``jax.vmap`` of
 ``jax.grad`` gives, in float64.
 """
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,6 +268,22 @@ class TestGroupedConv:
     w = flax_kernel(module, xs[0])
     layer = check_layer(flax_apply(module), w, xs, layers.Conv)
     assert layer.sizes == (4, 2 * 4 * 6, 9, multiplier)
+
+  def test_haiku_depthwise(self):
+    """``hk.DepthwiseConv2D``, MobileNetV1's: two features per channel."""
+    f = hk.without_apply_rng(
+      hk.transform(
+        lambda x: hk.DepthwiseConv2D(2, 3, (1, 2), with_bias=False)(x)
+      )
+    )
+    with jax.enable_x64(True):
+      xs = normal(0, (N, 2, 6, 7, 3))
+      params = f.init(jax.random.key(3), xs[0])
+      (name,) = params
+      w = params[name]["w"].astype(jnp.float64)
+    apply = lambda w, x: f.apply({name: {"w": w}}, x)
+    layer = check_layer(apply, w, xs, layers.Conv)
+    assert layer.sizes == (3, 2 * 6 * 4, 9, 2)
 
   def test_costs(self):
     """Ghost: G Gram matrices of all tokens; materialize: G matmuls."""
