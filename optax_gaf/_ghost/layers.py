@@ -6,11 +6,12 @@ arrays and its own typed fields, never a jaxpr: ``trace.py`` describes each
 operation as a :class:`LinearOp` and hands it to the registered class, which
 builds itself or declines (then the layer is :class:`Opaque`).
 
-A dense layer (``dot_general``) or an ungrouped convolution is a matmul
-``y = x W`` once its input is laid out as ``x [S, K]`` (a convolution's
-input as patches, ``im2col``) and its output as ``d [S, J]``, with ``Hb``
-independent such products for ``dot_general`` batch dimensions. Then the
-microgradient of microbatch n is ``x_n^T d_n`` (``[Hb, K, J]``), and
+A dense layer (``dot_general``) or a convolution is a matmul ``y = x W``
+once its input is laid out as ``x [S, K]`` (a convolution's input as
+patches, ``im2col``) and its output as ``d [S, J]``, with ``Hb``
+independent such products for ``dot_general`` batch dimensions or the
+groups of a grouped convolution. Then the microgradient of microbatch n is
+``x_n^T d_n`` (``[Hb, K, J]``), and
 
 - the ghost Gram matrix ``<g_n, g_m> = sum_{s,t} (x_ns . x_mt)(d_ns . d_mt)``
   costs about ``Hb (N S)^2 (K + J)``;
@@ -19,8 +20,9 @@ microgradient of microbatch n is ``x_n^T d_n`` (``[Hb, K, J]``), and
 - the weighted sum is one matmul, ``x^T (w * d)`` (book-keeping).
 
 An embedding lookup (``table[ids]``) has a ghost Gram matrix of its own,
-``sum_{s,t} [ids_ns == ids_mt] (d_ns . d_mt)``. Other layers (grouped
-convolutions, other gathers) form their microgradients with ``jax.vjp``.
+``sum_{s,t} [ids_ns == ids_mt] (d_ns . d_mt)``. Other layers (other gathers,
+``batch_group_count`` convolutions) form their microgradients with
+``jax.vjp``.
 """
 
 import dataclasses
@@ -189,8 +191,9 @@ class Layer:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Opaque(Layer):
-  """A layer with no maths of its own (a grouped convolution, a gather that
-  is no embedding lookup): per-example ``jax.vjp``, no ghost Gram."""
+  """A layer with no maths of its own (a gather that is no embedding
+  lookup, a ``batch_group_count`` convolution): per-example ``jax.vjp``, no
+  ghost Gram."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -319,7 +322,15 @@ PATCHES_MAX = 2**20
 @register("conv_general_dilated", operands=(1,))
 @dataclasses.dataclass(frozen=True, eq=False)
 class Conv(Matmul):
-  """An ungrouped convolution of the kernel: a matmul over im2col patches.
+  """A convolution of the kernel: matmuls over im2col patches.
+
+  A grouped convolution (``feature_group_count = G``; depthwise: ``G`` input
+  channels) is ``Hb = G`` independent ungrouped ones: group g reads input
+  channels ``[g C_in/G, (g+1) C_in/G)`` and writes the g-th contiguous block
+  of ``C_out/G`` output features, as XLA splits them. A transposed one
+  (``lhs_dilation``, ``jax.lax.conv_transpose``) takes its patches of the
+  input dilated by zeros. ``batch_group_count != 1`` (which appears in
+  weight-gradient convolutions, not in models) declines: Opaque.
 
   Above ``PATCHES_MAX`` numbers of patches, :meth:`per_example` takes XLA's
   per-example convolutions instead.
@@ -330,6 +341,7 @@ class Conv(Matmul):
     padding: ``(low, high)`` per spatial axis.
     strides: the window strides.
     dilation: the kernel (rhs) dilation.
+    lhs_dilation: the input's dilation (transposed convolutions).
     filt: the kernel's spatial shape.
     out_spatial: the output's spatial shape.
   """
@@ -339,44 +351,56 @@ class Conv(Matmul):
   padding: tuple[tuple[int, int], ...]
   strides: Shape
   dilation: Shape
+  lhs_dilation: Shape
   filt: Shape
   out_spatial: Shape
 
   @classmethod
   def from_op(cls, op):
     params = op.params
-    if (
-      op.param_pos != 1
-      or params["feature_group_count"] != 1
-      or params["batch_group_count"] != 1
-      or any(d != 1 for d in params["lhs_dilation"])
-    ):
+    if op.param_pos != 1 or params["batch_group_count"] != 1:
       return None
     dn = params["dimension_numbers"]
     lhs, rhs, out = dn.lhs_spec, dn.rhs_spec, dn.out_spec
     w_shape = op.operand.shape
     filt = tuple(w_shape[i] for i in rhs[2:])
-    j = w_shape[rhs[0]]
-    s, k = math.prod(op.out.shape) // j, w_shape[rhs[1]] * math.prod(filt)
+    groups = params["feature_group_count"]
+    j = w_shape[rhs[0]] // groups
+    s = math.prod(op.out.shape) // (groups * j)
+    k = w_shape[rhs[1]] * math.prod(filt)
     return cls(
       op.operand,
       op.out,
       op.apply,
-      sizes=(1, s, k, j),
+      sizes=(groups, s, k, j),
       order=(*rhs[2:], rhs[1], rhs[0]),
       lhs_perm=(lhs[0], *lhs[2:], lhs[1]),
       out_perm=(out[0], *out[2:], out[1]),
       padding=tuple((lo, hi) for lo, hi in params["padding"]),
       strides=tuple(params["window_strides"]),
       dilation=tuple(params["rhs_dilation"]),
+      lhs_dilation=tuple(params["lhs_dilation"]),
       filt=filt,
       out_spatial=tuple(op.out.shape[i] for i in out[2:]),
     )
 
   def canon(self, x, d):
-    _, s, k, j = self.sizes
-    patches = self._patches(x.transpose(self.lhs_perm)).reshape(1, s, k)
-    return patches, d.transpose(self.out_perm).reshape(1, s, j)
+    g, s, k, j = self.sizes
+    patches = self._patches(x.transpose(self.lhs_perm))
+    # [S, filter offsets, G, C_in/G] -> [G, S, K]: channels split by group.
+    offsets = math.prod(self.filt)
+    patches = patches.reshape(s, offsets, g, k // max(offsets, 1))
+    patches = patches.transpose(2, 0, 1, 3).reshape(g, s, k)
+    d = d.transpose(self.out_perm).reshape(s, g, j).transpose(1, 0, 2)
+    return patches, d
+
+  def _from_canon(self, g):
+    # [G, K, C_out/G] -> [K, C_out]: group g's features are block g.
+    return super()._from_canon(g.transpose(1, 0, 2))
+
+  def _to_canon(self, w):
+    g, _, k, j = self.sizes
+    return w.transpose(self.order).reshape(k, g, j).transpose(1, 0, 2)
 
   def as_matmuls(self, n):
     hb, s, k, _ = self.sizes
@@ -386,9 +410,13 @@ class Conv(Matmul):
     """im2col by slicing: ``[batch, *out_spatial, prod(filt) * C]``.
 
     ``x`` is ``[batch, *spatial, C]``; the features are ordered with the
-    filter offsets slowest (row-major), the input channel fastest.
+    filter offsets slowest (row-major), the input channel fastest. The input
+    is dilated (interior zeros) before it is padded, as XLA does.
     """
-    pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in self.padding] + [(0, 0, 0)]
+    pads = [
+      (lo, hi, r - 1) for (lo, hi), r in zip(self.padding, self.lhs_dilation)
+    ]
+    pads = [(0, 0, 0), *pads, (0, 0, 0)]
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
     views = []
     for offset in np.ndindex(*self.filt):

@@ -6,15 +6,16 @@ The only module of optax_gaf that reads jaxpr equations. It traces
 - a **site** leaf is read by exactly one linear operation that a layer class
   of ``layers.py`` is registered for (``dot_general``,
   ``conv_general_dilated``, ``gather``), possibly through reshapes,
-  transposes and casts to other real floating dtypes (a cast to complex or
-  int makes the leaf direct: :func:`_exact_types`). Its microgradient is a
-  function of that layer's other operand ``x`` and output gradient ``d``
-  alone, which :func:`run` captures. Each site holds a typed layer object
-  (the registered class, or :class:`~optax_gaf._ghost.layers.Opaque` where
-  that class declines). A site leaf may also be read outside its layer (an
-  L2 term in the loss, a weight norm): those reads add a **residual** to its
-  gradient, which autodiff forms (:func:`data_dependent` tells whether it
-  differs between microbatches);
+  transposes, reversals and casts to other real floating dtypes (a cast to
+  complex or int makes the leaf direct: :func:`_exact_types`). Its
+  microgradient is a function of that layer's other operand ``x`` and output
+  gradient ``d`` alone, which :func:`run` captures. Each site holds a typed
+  layer object (the registered class, or
+  :class:`~optax_gaf._ghost.layers.Opaque` where that class declines). A
+  site leaf may also be read outside its layer (an L2 term in the loss, a
+  weight norm): those reads add a **residual** to its gradient, which
+  autodiff forms (:func:`data_dependent` tells whether it differs between
+  microbatches);
 - an **unused** leaf has a zero gradient;
 - every other leaf (LayerNorm scales, biases, tied weights, parameters read
   inside a ``scan`` or a custom derivative) is **direct**: autodiff forms its
@@ -37,9 +38,17 @@ from optax_gaf._ghost import embedding  # noqa: F401 (registers gather)
 from optax_gaf._ghost import layers
 
 # Isometries of a tensor: they keep inner products, so a layer that reads a
-# parameter through them still has a ghost Gram matrix.
+# parameter through them still has a ghost Gram matrix. ``rev`` (a kernel
+# flipped by ``conv_transpose(transpose_kernel=True)``) is a permutation.
 _STRUCTURAL = frozenset(
-  {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims"}
+  {
+    "reshape",
+    "transpose",
+    "convert_element_type",
+    "squeeze",
+    "expand_dims",
+    "rev",
+  }
 )
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 # jax.checkpoint (remat): followed too, and re-run under jax.checkpoint.

@@ -88,6 +88,39 @@ def test_l2_term_keeps_the_layers_routes(route):
     assert_same_step(l2_loss, N, params, batch, tau=0.9)
 
 
+@pytest.mark.parametrize("route", ["ghost", "materialize"])
+def test_l2_term_on_a_grouped_convolution(route):
+  """A depthwise-then-grouped stack (kernel features split in groups) with
+  an L2 term: the residual in the grouped layout, exact."""
+
+  def loss(p, b):
+    conv = lambda x, w, g: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=g,
+    )  # fmt: skip
+    h = jnp.tanh(conv(conv(b["x"], p["dw"], 2), p["gw"], 2))
+    l2 = jnp.sum(p["dw"] ** 2) + jnp.sum(p["gw"] ** 2)
+    return jnp.mean((h.mean(axis=(1, 2)) - b["t"]) ** 2) + 0.1 * l2
+
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.key(1), 4)
+    params = {
+      "dw": jax.random.normal(k[0], (3, 3, 1, 4), jnp.float64),
+      "gw": jax.random.normal(k[1], (1, 1, 2, 6), jnp.float64),
+    }
+    batch = {
+      "x": jax.random.normal(k[2], (16, 5, 5, 2), jnp.float64),
+      "t": jax.random.normal(k[3], (16, 6), jnp.float64),
+    }
+    ghost = optax_gaf.ghost_microgradients(loss, N, route=route)
+    _, g = ghost(params, batch)
+    assert g.routes == [route] * 2 and g.residuals == ["shared"] * 2
+    np.testing.assert_allclose(
+      g.gram(), stacked_gram(loss, N, params, batch), rtol=1e-10
+    )
+    assert_same_step(loss, N, params, batch, tau=0.9)
+
+
 def test_a_read_that_depends_on_the_data_is_per_microbatch():
   """An L2 term scaled by the microbatch's own mean input differs per
   microbatch: it is formed per microbatch, exactly."""

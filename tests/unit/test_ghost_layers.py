@@ -7,10 +7,12 @@ matrix, the microgradients and their weighted sum that ``jax.vmap`` of
 ``jax.grad`` gives, in float64.
 """
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from optax_gaf._ghost import embedding
 from optax_gaf._ghost import layers
@@ -147,13 +149,14 @@ CONVS = [
 ]
 
 
-def conv(spec, strides, padding, dilation, groups=1):
+def conv(spec, strides, padding, dilation, groups=1, lhs_dilation=None):
   def apply(w, x):
     return jax.lax.conv_general_dilated(
       x,
       w,
       strides,
       padding,
+      lhs_dilation=lhs_dilation,
       rhs_dilation=dilation,
       dimension_numbers=spec,
       feature_group_count=groups,
@@ -162,13 +165,24 @@ def conv(spec, strides, padding, dilation, groups=1):
   return apply
 
 
-def conv_data(spec, channels=3, groups=1):
+def conv_data(spec, channels=3, groups=1, features=4):
   with jax.enable_x64(True):
     xs = normal(0, (N, 2, 7, 9, channels))
-    w = normal(1, (3, 2, channels // groups, 4))
+    w = normal(1, (3, 2, channels // groups, features))
   if spec[0] == "NCHW":
     xs, w = xs.transpose(0, 1, 4, 2, 3), w.transpose(3, 2, 0, 1)
   return w, xs
+
+
+def flax_apply(module):
+  """``apply(kernel, x)`` of a bias-free Flax Linen module."""
+  return lambda w, x: module.apply({"params": {"kernel": w}}, x)
+
+
+def flax_kernel(module, x):
+  with jax.enable_x64(True):
+    params = module.init(jax.random.key(3), x)
+    return params["params"]["kernel"].astype(jnp.float64)
 
 
 class TestConv:
@@ -191,6 +205,158 @@ class TestConv:
     apply = conv(("NWC", "WIO", "NWC"), (1,), "SAME", (1,))
     layer = check_layer(apply, w, xs, layers.Conv)
     assert layer.sizes == (1, 16, 6, 5)
+
+  @pytest.mark.parametrize("groups", [1, 3])
+  def test_three_spatial_axes(self, groups):
+    """``NDHWC``, strided, kernel-dilated, padded unevenly; grouped too."""
+    with jax.enable_x64(True):
+      w = normal(0, (2, 3, 2, 6 // groups, 3))
+      xs = normal(1, (N, 2, 4, 6, 5, 6))
+    spec = ("NDHWC", "DHWIO", "NDHWC")
+    padding = ((1, 0), (0, 2), (1, 1))
+    apply = conv(spec, (1, 2, 2), padding, (2, 1, 2), groups=groups)
+    layer = check_layer(apply, w, xs, layers.Conv)
+    assert layer.sizes[0] == groups
+    assert layer.sizes[2:] == (12 * 6 // groups, 3 // groups)
+
+
+GROUPED = [
+  # (spec, strides, padding, dilation, in channels, groups, out features)
+  (("NHWC", "HWIO", "NHWC"), (1, 1), "SAME", (1, 1), 4, 2, 6),
+  (("NHWC", "HWIO", "NHWC"), (2, 1), "VALID", (1, 2), 4, 4, 4),  # depthwise
+  (("NCHW", "OIHW", "NCHW"), (2, 2), ((1, 2), (0, 1)), (2, 1), 6, 3, 6),
+  (("NHWC", "HWIO", "NHWC"), (1, 2), "SAME", (1, 1), 3, 3, 6),  # x2 per group
+]
+
+
+class TestGroupedConv:
+  """``feature_group_count = G``: G ungrouped convolutions, Hb = G."""
+
+  @pytest.mark.parametrize(
+    "spec, strides, padding, dilation, channels, groups, features", GROUPED
+  )
+  @pytest.mark.parametrize("patches", [True, False])
+  def test_groups_strides_padding_dilation_layouts(
+    self,
+    spec,
+    strides,
+    padding,
+    dilation,
+    channels,
+    groups,
+    features,
+    patches,
+    monkeypatch,
+  ):
+    if not patches:
+      monkeypatch.setattr(layers, "PATCHES_MAX", 0)
+    w, xs = conv_data(spec, channels, groups, features)
+    apply = conv(spec, strides, padding, dilation, groups=groups)
+    layer = check_layer(apply, w, xs, layers.Conv)
+    assert layer.as_matmuls(N) == patches
+    assert layer.sizes[0] == groups
+    assert layer.sizes[2:] == (6 * channels // groups, features // groups)
+
+  @pytest.mark.parametrize("multiplier", [1, 2])
+  def test_flax_depthwise(self, multiplier):
+    """``nn.Conv(feature_group_count=C)``, as in a MobileNet block."""
+    module = nn.Conv(
+      4 * multiplier, (3, 3), (2, 1), feature_group_count=4, use_bias=False
+    )
+    with jax.enable_x64(True):
+      xs = normal(0, (N, 2, 7, 6, 4))
+    w = flax_kernel(module, xs[0])
+    layer = check_layer(flax_apply(module), w, xs, layers.Conv)
+    assert layer.sizes == (4, 2 * 4 * 6, 9, multiplier)
+
+  def test_haiku_depthwise(self):
+    """``hk.DepthwiseConv2D``, MobileNetV1's: two features per channel."""
+    f = hk.without_apply_rng(
+      hk.transform(
+        lambda x: hk.DepthwiseConv2D(2, 3, (1, 2), with_bias=False)(x)
+      )
+    )
+    with jax.enable_x64(True):
+      xs = normal(0, (N, 2, 6, 7, 3))
+      params = f.init(jax.random.key(3), xs[0])
+      (name,) = params
+      w = params[name]["w"].astype(jnp.float64)
+    apply = lambda w, x: f.apply({name: {"w": w}}, x)
+    layer = check_layer(apply, w, xs, layers.Conv)
+    assert layer.sizes == (3, 2 * 6 * 4, 9, 2)
+
+  def test_costs(self):
+    """Ghost: G Gram matrices of all tokens; materialize: G matmuls."""
+    spec = ("NHWC", "HWIO", "NHWC")
+    w, xs = conv_data(spec, 4, 2, 6)
+    with jax.enable_x64(True):
+      site = captured(conv(spec, (1, 1), "SAME", (1, 1), 2), w, xs)[0]
+    hb, s, k, j = site.layer.sizes
+    assert (hb, s, k, j) == (2, 2 * 7 * 9, 6 * 2, 3)
+    p = w.size
+    assert p == hb * k * j
+    ghost = hb * (N * s) ** 2 * (k + j)
+    assert site.layer.costs(N) == (ghost, N * hb * s * k * j + N * N * p)
+
+
+TRANSPOSED = [
+  # (strides, padding, kernel dilation, transpose_kernel)
+  ((2, 2), "SAME", (1, 1), False),
+  ((2, 1), "VALID", (1, 2), True),
+  ((3, 2), ((2, 0), (1, 3)), (2, 1), False),
+  ((1, 1), "SAME", (1, 1), True),
+]
+
+
+class TestTransposedConv:
+  """``lhs_dilation``: patches of the input dilated by zeros."""
+
+  @pytest.mark.parametrize("strides, padding, dilation, flip", TRANSPOSED)
+  @pytest.mark.parametrize("patches", [True, False])
+  def test_conv_transpose(
+    self, strides, padding, dilation, flip, patches, monkeypatch
+  ):
+    if not patches:
+      monkeypatch.setattr(layers, "PATCHES_MAX", 0)
+    spec = ("NHWC", "HWIO", "NHWC")
+    w, xs = conv_data(spec)
+    if flip:  # the kernel is [H, W, out, in], flipped and swapped
+      w = w.swapaxes(2, 3)
+
+    def apply(w, x):
+      return jax.lax.conv_transpose(
+        x,
+        w,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=spec,
+        transpose_kernel=flip,
+      )
+
+    layer = check_layer(apply, w, xs, layers.Conv)
+    assert layer.lhs_dilation == strides
+    assert layer.as_matmuls(N) == patches
+
+  def test_grouped_and_input_dilated(self):
+    spec = ("NCHW", "OIHW", "NCHW")
+    w, xs = conv_data(spec, channels=4, groups=2, features=6)
+    apply = conv(spec, (1, 2), ((2, 1), (0, 2)), (1, 2), 2, (2, 3))
+    layer = check_layer(apply, w, xs, layers.Conv)
+    assert layer.sizes[0] == 2
+
+  @pytest.mark.parametrize("flip", [False, True])
+  def test_flax_conv_transpose(self, flip):
+    """``nn.ConvTranspose``; with ``transpose_kernel`` its kernel reaches
+    the convolution through ``rev`` and a transpose."""
+    module = nn.ConvTranspose(
+      5, (3, 2), (2, 2), transpose_kernel=flip, use_bias=False
+    )
+    with jax.enable_x64(True):
+      xs = normal(0, (N, 2, 4, 5, 3))
+    w = flax_kernel(module, xs[0])
+    layer = check_layer(flax_apply(module), w, xs, layers.Conv)
+    assert layer.lhs_dilation == (2, 2)
 
 
 class TestEmbedding:
@@ -255,6 +421,11 @@ class TestExactRows:
     w, xs = conv_data(CONVS[2][0])
     check_layer(conv(*CONVS[2]), w, xs, layers.Conv)
 
+  def test_grouped_convolution(self):
+    spec, strides, padding, dilation, c, g, f = GROUPED[2]
+    w, xs = conv_data(spec, c, g, f)
+    check_layer(conv(spec, strides, padding, dilation, g), w, xs, layers.Conv)
+
   @pytest.mark.parametrize("mode", ["clip", "fill", "promise_in_bounds"])
   def test_embedding(self, mode):
     with jax.enable_x64(True):
@@ -265,10 +436,16 @@ class TestExactRows:
 
 
 class TestOpaque:
-  def test_grouped_convolution(self):
+  def test_batch_grouped_convolution(self):
+    """``batch_group_count`` (as in a weight-gradient convolution)."""
     spec = ("NHWC", "HWIO", "NHWC")
-    w, xs = conv_data(spec, channels=4, groups=2)
-    apply = conv(spec, (1, 1), "SAME", (1, 1), groups=2)
+    w, xs = conv_data(spec)
+
+    def apply(w, x):
+      return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=spec, batch_group_count=2
+      )
+
     check_layer(apply, w, xs, layers.Opaque, ghost=False)
 
   def test_gather_of_columns(self):

@@ -104,6 +104,28 @@ def test_structural_chain_is_replayed_and_mapped_back():
   np.testing.assert_array_equal(back, g.reshape(3, 5))
 
 
+def test_flipped_kernel_of_a_transposed_convolution_is_a_site():
+  """``conv_transpose(transpose_kernel=True)`` reads the kernel through
+  ``rev`` and a transpose: the chain replays and maps a gradient back."""
+  w = jnp.arange(24.0).reshape(2, 3, 4, 1)
+
+  def loss(w, x):
+    spec = ("NHWC", "HWIO", "NHWC")
+    y = jax.lax.conv_transpose(
+      x, w, (2, 2), "SAME", dimension_numbers=spec, transpose_kernel=True
+    )
+    return jnp.sum(y)
+
+  (site,) = plan_of(loss, w, jnp.ones((1, 3, 3, 1))).sites
+  assert type(site.layer) is layers.Conv
+  assert [e.primitive.name for e in site.chain] == ["rev", "rev", "transpose"]
+  want = w[::-1, ::-1].swapaxes(2, 3)
+  np.testing.assert_array_equal(site.operand_of(w), want)
+  g = jnp.arange(24.0).reshape(2, 3, 1, 4)
+  back = site.to_leaf(g, jax.ShapeDtypeStruct(w.shape, w.dtype))
+  np.testing.assert_array_equal(back, g.swapaxes(2, 3)[::-1, ::-1])
+
+
 def test_a_leaf_also_read_outside_its_layer_is_a_residual_site():
   """A leaf returned as an output, or in an L2 term, besides its one layer:
   a site whose other reads are a residual; read outside layers only, or
@@ -143,7 +165,7 @@ def test_data_dependence_of_outputs():
 
 
 def test_declined_kinds_are_opaque():
-  """A grouped convolution and a gather of columns: Opaque layers."""
+  """A batch-grouped convolution and a gather of columns: Opaque layers."""
 
   def loss(p, b):
     y = jax.lax.conv_general_dilated(
@@ -152,11 +174,11 @@ def test_declined_kinds_are_opaque():
       (1, 1),
       "SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=2,
+      batch_group_count=2,
     )
     return jnp.sum(y) + jnp.sum(jnp.take(p["cols"], b["ids"], axis=1))
 
-  params = {"conv": jnp.ones((3, 3, 2, 4)), "cols": jnp.ones((3, 4))}
+  params = {"conv": jnp.ones((3, 3, 4, 4)), "cols": jnp.ones((3, 4))}
   batch = {"x": jnp.ones((2, 6, 6, 4)), "ids": jnp.array([1, 3])}
   plan = plan_of(loss, params, batch)
   assert layer_kinds(plan) == {0: layers.Opaque, 1: layers.Opaque}
