@@ -213,6 +213,9 @@ def mse(model, b):
   return jnp.mean((b["y"] - model(b["x"])) ** 2)
 
 
+# BatchNorm keeps its statistics in float32; nnx.scan writes the float64
+# ones of each layer back into that stack.
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
 @pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan_remat"])
 def test_nnx_scan_over_layers(remat):
   """``nnx_microgradients(ghost=True)`` then ``nnx.Optimizer.update``: the
