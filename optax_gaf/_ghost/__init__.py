@@ -1,11 +1,11 @@
 """Ghost microgradients: GAF's Gram matrix and weighted sum from layers.
 
-- ``trace.py``: the only reader of jaxpr equations; finds the layer that
-  reads each parameter, and re-runs the loss capturing its inputs and output
-  gradients.
+- ``trace.py``: the only reader of jaxpr equations (with ``scan.py``, its
+  part for ``lax.scan``); finds the layer that reads each parameter, and
+  re-runs the loss capturing its inputs and output gradients.
 - ``layers.py``: one class per layer kind (dense, convolution, opaque; the
-  embedding lookup in ``embedding.py``), its Gram matrix and weighted sum
-  from those captures.
+  embedding lookup in ``embedding.py``; a layer inside ``lax.scan`` in
+  ``scanned.py``), its Gram matrix and weighted sum from those captures.
 - ``numerics.py``: the ghost Gram matrix in float range and to the stacked
   route's precision (per-microbatch scaling, centring, exact rows).
 - ``leaves.py``: one object per params leaf (ghost, materialize, direct or

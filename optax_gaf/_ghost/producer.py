@@ -255,8 +255,9 @@ def _warn_direct(plan, params, n: int) -> None:
     why = (
       f"{k} layers read it (tied weights)"
       if k > 1
-      else "no layer the ghost route knows reads it: it is read inside"
-      " lax.scan, a while loop or a custom derivative, or only"
+      else "no layer the ghost route knows reads it alone: it is read in"
+      " a lax.scan's carry, a scan within a scan, a while loop or a"
+      " custom derivative, by a layer in a scan and elsewhere, or only"
       " non-linearly"
     )
     warnings.warn(

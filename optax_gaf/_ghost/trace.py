@@ -1,7 +1,8 @@
 """The layers that read each parameter, found in the loss function's jaxpr.
 
-The only module of optax_gaf that reads jaxpr equations. It traces
-``loss_fn(params, microbatch)`` once and sorts every parameter leaf:
+With ``scan.py`` (its part for ``lax.scan``) the only module of optax_gaf
+that reads jaxpr equations. It traces ``loss_fn(params, microbatch)`` once
+and sorts every parameter leaf:
 
 - a **site** leaf is read by exactly one linear operation that a layer class
   of ``layers.py`` is registered for (``dot_general``,
@@ -18,12 +19,18 @@ The only module of optax_gaf that reads jaxpr equations. It traces
   microbatches);
 - an **unused** leaf has a zero gradient;
 - every other leaf (LayerNorm scales, biases, tied weights, parameters read
-  inside a ``scan`` or a custom derivative) is **direct**: autodiff forms its
-  per-microbatch gradients, one copy of that leaf per microbatch.
+  inside a custom derivative, in a ``scan``'s carry or in a scan within a
+  scan) is **direct**: autodiff forms its per-microbatch gradients, one copy
+  of that leaf per microbatch.
 
 Nested ``jit`` calls and ``jax.checkpoint`` regions are followed, so layers
 wrapped by ``jnp.take``, a jitted block or a rematerialized block are found
 too; a checkpoint is re-run as a checkpoint, so it still saves its memory.
+So is the body of a ``lax.scan`` that a leaf enters as ``xs`` (layers
+stacked on an axis L, sliced per iteration: ``nnx.scan`` over layers) or as
+a constant (an RNN's weight, read every iteration); a layer there is
+:class:`~optax_gaf._ghost.scanned.Scanned` (``scan.py``), and the scan is
+re-run as a scan.
 """
 
 import dataclasses
@@ -36,6 +43,8 @@ from jax.extend import core as jcore
 
 from optax_gaf._ghost import embedding  # noqa: F401 (registers gather)
 from optax_gaf._ghost import layers
+from optax_gaf._ghost import scan
+from optax_gaf._ghost import scanned
 
 # Isometries of a tensor: they keep inner products, so a layer that reads a
 # parameter through them still has a ghost Gram matrix. ``rev`` (a kernel
@@ -55,6 +64,19 @@ _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _REMAT = frozenset({"checkpoint", "remat2"})
 
 
+def _replay(chain, x, cast: bool = True):
+  """Applies a chain's structural equations to ``x`` (its dtype casts only
+  with ``cast``)."""
+  for j, step in enumerate(chain):
+    if isinstance(step, scan.ScanEntry):
+      if step.stacked:  # the rest of the chain, on each slice
+        rest = chain[j + 1 :]
+        return jax.vmap(lambda s, rest=rest: _replay(rest, s, cast))(x)
+    elif cast or step.primitive.name != "convert_element_type":
+      x = _bind(step, [x])[0]
+  return x
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Site:
   """A layer that is the only reader of one parameter leaf.
@@ -64,7 +86,8 @@ class Site:
     leaf: the parameter's index in ``jax.tree.leaves(params)``.
     param_pos: which operand of the layer is (derived from) the parameter.
     layer: the typed layer (``layers.Dense``, ``layers.Conv``...).
-    chain: the structural equations from the leaf to that operand.
+    chain: the structural equations from the leaf to that operand, and
+      where it enters a scan (:class:`~optax_gaf._ghost.scan.ScanEntry`).
     residual: whether the leaf is also read outside this layer (an L2
       term, a norm): its gradient adds those reads' part, the residual.
   """
@@ -83,10 +106,7 @@ class Site:
     layout in the leaf's dtype (a residual added to float32 gradients must
     not be rounded to a bfloat16 operand's precision first).
     """
-    for eqn in self.chain:
-      if cast or eqn.primitive.name != "convert_element_type":
-        leaf = _bind(eqn, [leaf])[0]
-    return leaf
+    return _replay(self.chain, leaf, cast)
 
   def to_leaf(self, operand_grad: jax.Array, leaf_aval) -> jax.Array:
     """Maps a gradient of the layer's parameter operand back to its leaf."""
@@ -132,8 +152,11 @@ def _aval(v) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
 
 
-def _layer(eqn, param_pos: int) -> layers.Layer:
-  """The typed layer of ``eqn`` read at ``param_pos``; Opaque if none fits."""
+def _layer(eqn, param_pos: int, chain=()) -> layers.Layer:
+  """The typed layer of ``eqn`` read at ``param_pos``; Opaque if none fits.
+
+  Read through a ``ScanEntry`` of ``chain``: that layer, scanned.
+  """
 
   def apply(w, others):
     ins = list(others)
@@ -151,7 +174,11 @@ def _layer(eqn, param_pos: int) -> layers.Layer:
   )
   cls = layers.registered(kind)
   layer = None if cls is None else cls.from_op(op)
-  return layers.Opaque.from_op(op) if layer is None else layer
+  layer = layers.Opaque.from_op(op) if layer is None else layer
+  for step in chain:
+    if isinstance(step, scan.ScanEntry):
+      layer = scanned.Scanned.wrap(layer, step.length, step.stacked)
+  return layer
 
 
 def _real(v) -> bool:
@@ -185,6 +212,8 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
     if name in _STRUCTURAL and len(eqn.invars) == 1 and _real(eqn.outvars[0]):
       leaf, chain = src[0]
       origins[eqn.outvars[0]] = (leaf, chain + (eqn,))
+    elif name == "scan":
+      scan.walk(eqn, src, path + (i,), uses, jaxpr, _walk)
     elif _inner(eqn) is not None:
       inner = _inner(eqn)[0]
       inner_origins = {v: o for v, o in zip(inner.invars, src) if o}
@@ -209,8 +238,13 @@ def _walk(jaxpr, origins: dict, path: tuple, uses: dict) -> None:
 
 
 def _one_layer(uses: list) -> bool:
-  """Whether one layer reads the leaf; other reads (None) are a residual."""
-  return sum(u is not None for u in uses) == 1
+  """Whether one layer reads the leaf; other reads (None) are a residual,
+  unless the layer is inside a scan (its operand is one slice there)."""
+  layer = [u for u in uses if u is not None]
+  if len(layer) != 1:
+    return False
+  in_scan = any(isinstance(s, scan.ScanEntry) for s in layer[0][3])
+  return len(uses) == 1 or not in_scan
 
 
 def find_sites(fn, params, *args) -> Plan:
@@ -234,7 +268,7 @@ def find_sites(fn, params, *args) -> Plan:
     if isinstance(v, jcore.Var) and v in origins:
       uses[origins[v][0]].append(None)
   sites = tuple(
-    Site(path, leaf, k, _layer(eqn, k), chain, residual=len(u) > 1)
+    Site(path, leaf, k, _layer(eqn, k, chain), chain, residual=len(u) > 1)
     for leaf, u in uses.items()
     if _one_layer(u)
     for path, eqn, k, chain in filter(None, u)
@@ -276,8 +310,9 @@ def run(
   index = {s.path: k for k, s in enumerate(plan.sites)}
   calls = {s.path[:j] for s in plan.sites for j in range(1, len(s.path))}
 
-  def go(jaxpr, consts, invals, path):
-    """``(outputs, {site: captures})`` of ``jaxpr``, nested calls in."""
+  def go(jaxpr, consts, invals, path, zs):
+    """``(outputs, {site: captures})`` of ``jaxpr``, nested calls in;
+    ``zs``: ``{site: z}`` for the sites inside."""
     env = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, invals))
     captures = {}
@@ -293,7 +328,7 @@ def run(
         if site.residual:
           ins[site.param_pos] = site.operand_of(originals[site.leaf])
       if here in calls:  # a call with a site inside: step in
-        outs, inner = _step_in(eqn, ins, here)
+        outs, inner = _step_in(eqn, ins, here, zs)
         captures.update(inner)
       else:
         outs = _bind(eqn, ins)
@@ -305,9 +340,14 @@ def run(
       env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars], captures
 
-  def _step_in(eqn, ins, here):
+  def _step_in(eqn, ins, here, zs):
+    if eqn.primitive.name == "scan":
+      n = len(here)
+      inside = {k: z for k, z in zs.items() if plan.sites[k].path[:n] == here}
+      body = lambda jaxpr, consts, ins, zs: go(jaxpr, consts, ins, here, zs)
+      return scan.run(eqn, ins, inside, body)
     jaxpr, consts = _inner(eqn)
-    fn = lambda ins: go(jaxpr, consts, ins, here)
+    fn = lambda ins: go(jaxpr, consts, ins, here, zs)
     if eqn.primitive.name in _REMAT:  # recomputed in the backward pass
       params = eqn.params
       fn = jax.checkpoint(
@@ -315,7 +355,10 @@ def run(
       )
     return fn(ins)
 
-  outs, captures = go(plan.jaxpr.jaxpr, plan.jaxpr.consts, list(flat_args), ())
+  closed = plan.jaxpr
+  outs, captures = go(
+    closed.jaxpr, closed.consts, list(flat_args), (), dict(enumerate(zs))
+  )
   return outs, [captures[k] for k in range(len(plan.sites))]
 
 

@@ -18,6 +18,7 @@ from optax_gaf._ghost import embedding
 from optax_gaf._ghost import layers
 from optax_gaf._ghost import numerics
 from optax_gaf._ghost import trace
+from optax_gaf._ghost.scanned import Scanned as scan_layer
 
 N = 4
 
@@ -454,6 +455,95 @@ class TestOpaque:
     ids = jnp.array([[0, 5], [2, 2], [1, 3], [4, 0]])
     lookup = lambda w, i: jnp.take(w, i, axis=1)
     check_layer(lookup, table, ids, layers.Opaque, ghost=False)
+
+
+def scanned(inner, stacked):
+  """``inner`` in each of a scan's iterations: its parameter sliced per
+  iteration (stacked, ``w [L, ...]``) or the same each time (constant); the
+  input ``x [L, ...]`` per microbatch, the outputs as ``ys``."""
+
+  def apply(w, x):
+    if stacked:
+      body = lambda c, wx: (c, inner(*wx))
+      return jax.lax.scan(body, 0.0, (w, x))[1]
+    return jax.lax.scan(lambda c, x_l: (c, inner(w, x_l)), 0.0, x)[1]
+
+  return apply
+
+
+L = 3
+DENSE_HEADS = lambda w, x: jnp.einsum("shk,hkj->hsj", x, w)
+GROUPED = conv(("NWC", "WIO", "NWC"), (1,), "SAME", (1,), groups=2)
+SCANNED = {  # inner layer, w shape, x shape per iteration, x dtype
+  "dense": (lambda w, x: x @ w, (5, 3), (6, 5), None),
+  "heads": (DENSE_HEADS, (2, 4, 5), (3, 2, 4), None),
+  "conv": (
+    conv(("NWC", "WIO", "NWC"), (2,), "SAME", (1,)),
+    (3, 2, 4),
+    (2, 7, 2),
+    None,
+  ),
+  "embedding": (
+    lambda w, i: w.at[i].get(mode="fill", fill_value=0.0),
+    (6, 3),
+    (3,),
+    int,
+  ),
+  "opaque": (GROUPED, (3, 2, 4), (2, 7, 4), None),
+}
+
+
+class TestScanned:
+  """A layer inside ``lax.scan``: its Gram matrix, microgradients and
+  weighted sum over the L iterations match ``vmap(grad)``."""
+
+  @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "const"])
+  @pytest.mark.parametrize("inner", sorted(SCANNED))
+  def test_inner_layers(self, inner, stacked):
+    apply, w_shape, x_shape, dtype = SCANNED[inner]
+    with jax.enable_x64(True):
+      w = normal(0, (L, *w_shape) if stacked else w_shape)
+      if dtype is int:  # ids below, inside and past the 6-row table
+        xs = jax.random.randint(jax.random.key(1), (N, L, *x_shape), -2, 8)
+      else:
+        xs = normal(1, (N, L, *x_shape))
+    layer = check_layer(
+      scanned(apply, stacked), w, xs, scan_layer, ghost=inner != "opaque"
+    )
+    assert layer.stacked == stacked and layer.length == L
+    assert layer.out.shape[0] == L
+
+  @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "const"])
+  def test_convolution_without_patches(self, stacked, monkeypatch):
+    monkeypatch.setattr(layers, "PATCHES_MAX", 0)
+    apply, w_shape, x_shape, _ = SCANNED["conv"]
+    with jax.enable_x64(True):
+      w = normal(0, (L, *w_shape) if stacked else w_shape)
+      xs = normal(1, (N, L, *x_shape))
+    check_layer(scanned(apply, stacked), w, xs, scan_layer)
+
+  @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "const"])
+  def test_exact_rows(self, stacked, monkeypatch):
+    monkeypatch.setattr(numerics, "RATIO", 0.0)
+    with jax.enable_x64(True):
+      w = normal(0, (L, 2, 4, 5) if stacked else (2, 4, 5))
+      xs = normal(1, (N, L, 3, 2, 4))
+    check_layer(scanned(DENSE_HEADS, stacked), w, xs, scan_layer)
+
+  def test_costs(self):
+    """Stacked: L times one iteration's; constant: L times the tokens."""
+    with jax.enable_x64(True):
+      xs = normal(1, (N, L, 6, 5))
+      stacked = captured(
+        scanned(lambda w, x: x @ w, True), normal(0, (L, 5, 3)), xs
+      )[0]
+      const = captured(
+        scanned(lambda w, x: x @ w, False), normal(0, (5, 3)), xs
+      )[0]
+    ghost, formed = stacked.layer.inner.costs(N)
+    assert stacked.layer.costs(N) == (L * ghost, L * formed)
+    s = L * 6
+    assert const.layer.costs(N) == ((N * s) ** 2 * 8, N * s * 15 + N * N * 15)
 
 
 def test_registry():

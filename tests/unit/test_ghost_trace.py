@@ -1,8 +1,9 @@
 """``optax_gaf._ghost.trace``: which layer reads each parameter leaf.
 
-Site finding through nested ``jit`` calls and structural chains, tied and
-non-linear reads (direct), unused leaves, leaves returned as outputs, and
-the re-run that captures each layer's inputs and output gradients.
+Site finding through nested ``jit`` calls, structural chains and into
+``lax.scan`` bodies, tied and non-linear reads (direct), unused leaves,
+leaves returned as outputs, and the re-run that captures each layer's inputs
+and output gradients.
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ import pytest
 
 from optax_gaf._ghost import embedding
 from optax_gaf._ghost import layers
+from optax_gaf._ghost import scanned
 from optax_gaf._ghost import trace
 
 X = jnp.ones((6, 5))
@@ -241,3 +243,125 @@ def test_structural_ops_are_no_sites(name):
   }[name]
   (site,) = plan_of(lambda w, x: jnp.sum(x @ view(w)), w).sites
   assert site.layer.operand.shape == (5, 3)
+
+
+# --- lax.scan
+
+
+def scan_stack(h, stack):
+  return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, stack)[0]
+
+
+def test_a_stacked_weight_is_a_site_inside_its_scan():
+  """``xs [L, K, J]``, sliced per iteration, read by one matmul there."""
+  plan = plan_of(lambda w, x: jnp.sum(scan_stack(x, w)), jnp.ones((3, 5, 5)))
+  (site,) = plan.sites
+  assert type(site.layer) is scanned.Scanned
+  assert type(site.layer.inner) is layers.Dense
+  assert site.layer.stacked and site.layer.length == 3
+  assert site.layer.operand.shape == (3, 5, 5)
+  assert site.layer.out.shape == (3, 6, 5)
+  assert site.path == (0, 0)  # the scan, then the dot_general in its body
+
+
+def test_a_scan_constant_is_a_site_inside_its_scan():
+  """An RNN's weight, closed over: the same in every iteration."""
+
+  def loss(p, x):
+    rnn = lambda h, x_t: (jnp.tanh(h @ p["w"] + x_t), None)
+    return jnp.sum(jax.lax.scan(rnn, jnp.zeros(5), x)[0] @ p["head"])
+
+  plan = plan_of(loss, {"head": jnp.ones((5, 2)), "w": jnp.ones((5, 5))})
+  kinds = layer_kinds(plan)
+  assert kinds == {0: layers.Dense, 1: scanned.Scanned}
+  site = next(s for s in plan.sites if s.leaf == 1)
+  assert not site.layer.stacked and site.layer.length == 6
+  assert site.layer.operand.shape == (5, 5)
+
+
+def test_scan_chains_before_and_inside_map_back_to_the_stacked_leaf():
+  """A reshape before the scan (on the stack) and a transpose inside it (on
+  each slice): the operand is the stack of per-iteration operands."""
+  w = jnp.arange(3 * 9.0).reshape(3, 9)
+
+  def loss(w, x):
+    body = lambda h, v: (jnp.tanh(h @ v.T), None)
+    return jnp.sum(jax.lax.scan(body, x, w.reshape(3, 3, 3))[0])
+
+  (site,) = plan_of(loss, w, jnp.ones((6, 3))).sites
+  want = w.reshape(3, 3, 3).transpose(0, 2, 1)
+  np.testing.assert_array_equal(site.operand_of(w), want)
+  back = site.to_leaf(want, jax.ShapeDtypeStruct(w.shape, w.dtype))
+  np.testing.assert_array_equal(back, w)
+
+
+def test_scans_a_leaf_cannot_be_followed_through_are_direct():
+  """In the carry, in a scan within a scan, read also outside the scan, or
+  passed through the body to ys that are read: direct."""
+  params = {
+    "carried": jnp.ones((5, 5)),
+    "nested": jnp.ones((5, 5)),
+    "outside": jnp.ones((2, 5, 5)),
+    "passed": jnp.ones((2, 5, 5)),
+  }
+
+  def loss(p, x):
+    carry = lambda c, _: ((jnp.tanh(c[0] @ c[1]), 2 * c[1]), None)
+    h = jax.lax.scan(carry, (x, p["carried"]), None, length=2)[0][0]
+    inner = lambda h, _: (h @ p["nested"], None)
+    outer = lambda h, _: (jax.lax.scan(inner, h, None, length=2)[0], None)
+    h = jax.lax.scan(outer, h, None, length=2)[0]
+    h = scan_stack(h, p["outside"]) + jnp.sum(p["outside"])
+    h, ws = jax.lax.scan(lambda h, w: (h @ w, w), h, p["passed"])
+    return jnp.sum(h) + jnp.sum(ws)
+
+  plan = plan_of(loss, params)
+  assert plan.sites == () and plan.direct == (0, 1, 2, 3)
+
+
+def test_ys_no_one_reads_keep_a_site():
+  """``nnx.remat`` passes a module's parameters out of its body; a scan's
+  ys that nothing reads are no reader."""
+
+  def loss(w, x):
+    h, ws = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), w), x, w)
+    return jnp.sum(h)
+
+  (site,) = plan_of(loss, jnp.ones((2, 5, 5))).sites
+  assert site.layer.stacked
+
+
+def test_checkpoint_and_jit_inside_a_scan_body_are_followed():
+  block = jax.checkpoint(jax.jit(lambda h, w: jnp.tanh(h @ w)))
+  loss = lambda w, x: jnp.sum(
+    jax.lax.scan(lambda h, w: (block(h, w), None), x, w)[0]
+  )
+  (site,) = plan_of(loss, jnp.ones((2, 5, 5))).sites
+  assert len(site.path) == 4 and type(site.layer.inner) is layers.Dense
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_run_captures_each_iteration_in_a_scan(reverse):
+  """Captures and output gradients stacked ``[L, ...]`` in the order of
+  the stacked weight, also for a reverse scan."""
+  w = jnp.arange(2 * 25.0).reshape(2, 5, 5) / 50
+  x = jnp.arange(30.0).reshape(6, 5) / 30
+
+  def loss(w, x):
+    body = lambda h, w: (jnp.sin(h @ w), h)
+    return jax.lax.scan(body, x, w, reverse=reverse)
+
+  plan = plan_of(lambda w, x: jnp.sum(loss(w, x)[0]), w, x)
+  z = jnp.zeros((2, 6, 5))
+
+  def total(z):
+    outs, caps = trace.run(plan, [w, x], [z])
+    return outs[0], caps
+
+  d, (caps,) = jax.grad(total, has_aux=True)(z)
+  inputs = loss(w, x)[1]  # the carry each iteration read, as ys
+  np.testing.assert_allclose(caps[0], inputs, rtol=1e-6)
+  order = [1, 0] if reverse else [0, 1]
+  np.testing.assert_allclose(
+    d[order[-1]], jnp.cos(inputs[order[-1]] @ w[order[-1]]), rtol=1e-6
+  )
