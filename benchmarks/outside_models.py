@@ -187,14 +187,18 @@ def time_routes(module, n, rounds):
   """Time ratios of each GAF route to the plain step, and ghost's leaves."""
   case, seen = module.case(), {}
   batch, rng = _batch(case), jax.random.key(2)
-  fns = {}
+  fns, flops = {}, {}
   for route in ("plain", *ROUTES):
     carry, step, _ = make_step(case, route, n, seen)
     jitted = jax.jit(step)
     fns[route] = lambda f=jitted, c=carry: f(c, batch, rng)
+    cost = jitted.lower(carry, batch, rng).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops[route] = float(cost.get("flops", np.nan))
   t = {k: float(np.median(v)) for k, v in
        _common.interleaved(fns, rounds).items()}  # fmt: skip
-  return case, t, seen["leaves"]
+  flops = {r: flops[r] / flops["plain"] for r in ROUTES}
+  return case, t, seen["leaves"], flops
 
 
 def _gaf_stats(opt_state):
@@ -227,7 +231,7 @@ def decisions(module, n):
 
 
 def measure(module, n, rounds):
-  case, t, leaves = time_routes(module, n, rounds)
+  case, t, leaves, flops = time_routes(module, n, rounds)
   counts = {}
   for _, _, route in leaves:
     counts[route] = counts.get(route, 0) + 1
@@ -239,6 +243,7 @@ def measure(module, n, rounds):
     "n": n,
     "plain_ms": t["plain"] * 1e3,
     "time": {r: t[r] / t["plain"] for r in ROUTES},
+    "flops": flops,
     "target": TARGETS[case.name],
     "routes": counts,
     "direct_share": direct / total,
@@ -254,11 +259,19 @@ def _routes_text(r):
   return f"{text}; {100 * r['direct_share']:.0f}% of params direct"
 
 
+def _flops_text(r):
+  f = r.get("flops")  # rows from before the column: none
+  if not f:
+    return "-"
+  return f"{f['microbatch_grads']:.2f}x / {f['ghost']:.2f}x"
+
+
 def table(rows) -> str:
   head = (
     "| model | N | plain step (ms) | microbatch_grads | ghost | target |"
-    " ghost leaves | float64 decisions equal (max cos diff as recorded, max"
-    " param rel diff, accepted) |\n|---|---|---|---|---|---|---|---|\n"
+    " XLA FLOPs: microbatch_grads / ghost | ghost leaves | float64"
+    " decisions equal (max cos diff as recorded, max param rel diff,"
+    " accepted) |\n|---|---|---|---|---|---|---|---|---|\n"
   )
   lines = []
   for r in rows:
@@ -267,7 +280,8 @@ def table(rows) -> str:
     lines.append(
       f"| {r['model']} | {r['n']} | {r['plain_ms']:.1f} |"
       f" {t['microbatch_grads']:.2f}x | **{t['ghost']:.2f}x** |"
-      f" {r['target']}x {'met' if met else 'missed'} | {_routes_text(r)} |"
+      f" {r['target']}x {'met' if met else 'missed'} | {_flops_text(r)} |"
+      f" {_routes_text(r)} |"
       f" {'yes' if d['equal'] else 'NO'} ({d['max_cos_diff']:.1e},"
       f" {d['max_param_rel_diff']:.1e}, {d['accepted']}/{r['n']}) |"
     )
@@ -336,7 +350,10 @@ def main(argv=None):
     "Time per step of each GAF route divided by the plain step's (the"
     " authors' `jax.grad` step and optimizer), medians of interleaved"
     f" rounds, batches of {BATCH}. Target: the issue's bound for the ghost"
-    " route (and never slower than `microbatch_grads`). Ghost leaves: how"
+    " route (and never slower than `microbatch_grads`). XLA FLOPs: the"
+    " compiled step's floating-point operations (XLA's cost analysis) over"
+    " the plain step's, the arithmetic each route adds whatever the"
+    " machine's load. Ghost leaves: how"
     " `ghost_microgradients` forms each leaf (`materialize*`: an Opaque"
     " layer, per-example `jax.vjp`). Decisions: one float64 step of each"
     " route from the same state: the accepted microbatches, the largest"
