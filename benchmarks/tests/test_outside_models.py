@@ -3,6 +3,7 @@
 import json
 
 import jax
+import pytest
 
 from benchmarks import outside_models
 
@@ -36,3 +37,18 @@ def test_every_case_names_its_source_and_has_a_loss():
     else:
       out = jax.eval_shape(case.loss, params, batch)
     assert out.shape == ()
+
+
+@pytest.mark.parametrize(
+  "module",
+  outside_models.MODULES,
+  ids=lambda m: m.__name__.rsplit(".", 1)[-1],
+)
+def test_ghost_decides_as_microbatch_grads_in_float64(module):
+  """Each outside model, its loss as its authors wrote it (L2 terms, scans,
+  depthwise convolutions, BatchNorm, dropout): one float64 GAF step on the
+  ghost route accepts the microbatches ``microbatch_grads`` accepts, with
+  its cosine distances and update."""
+  d = outside_models.decisions(module, 8)
+  assert d["equal"], d
+  assert d["max_cos_diff"] < 1e-6 and d["max_param_rel_diff"] < 1e-12, d

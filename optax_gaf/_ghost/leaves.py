@@ -12,7 +12,8 @@
 
 Each has ``gram(f)`` (``f``: None, or the rescaling factors ``[N]``),
 ``max_abs()``, ``combine(w, ok)`` (``ok``: None when every row is usable),
-``prepare()`` (forms what ``combine`` needs outside ``lax.cond``) and
+``prepare()`` (forms what ``combine`` needs outside ``lax.cond``),
+``gram_cost()`` (the multiply-adds of its Gram matrix) and
 ``stacked()`` (its N microgradients, formed, for the collectives of
 ``gaf(axis_name=...)``); its ``route`` names it in
 ``GhostMicrogradients.routes``, its ``residual`` (None, ``"shared"`` or
@@ -23,6 +24,8 @@ reads' gradient, the residual, formed by autodiff: once when no microbatch
 changes it (:class:`GhostResidualLeaf`), else per microbatch, added to the
 layer's formed microgradients.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +65,9 @@ class UnusedLeaf:
   def max_abs(self):
     return jnp.zeros([self._n], self._dtype)
 
+  def gram_cost(self):
+    return 0
+
   def combine(self, w, ok):
     del w, ok
     return jnp.zeros(self._aval.shape, self._aval.dtype)
@@ -87,6 +93,10 @@ class DirectLeaf:
 
   def max_abs(self):
     return _gram.max_abs([self._g])[0]
+
+  def gram_cost(self):
+    n = self._g.shape[0]
+    return n * n * math.prod(self._g.shape[1:])
 
   def combine(self, w, ok):
     return _combine.weighted_rows(w, _mask(ok, self._g))
@@ -138,6 +148,9 @@ class GhostLayerLeaf(LayerLeaf):
   def gram(self, f):
     return self._layer.ghost_gram(self._others, self._d, self._dtype, f)
 
+  def gram_cost(self):
+    return self._layer.costs(self._d.shape[0])[0]
+
   def combine(self, w, ok):
     others = [_mask(ok, x) for x in self._others]
     d = _mask(ok, self._d)
@@ -168,6 +181,9 @@ class GhostResidualLeaf(GhostLayerLeaf):
   def max_abs(self):
     return super().max_abs() + _gram.max_abs([self._r[None]])[0][0]
 
+  def gram_cost(self):
+    return super().gram_cost() + self._layer.residual_cost(self._d.shape[0])
+
   def combine(self, w, ok):
     g = super().combine(w, ok)
     total = jnp.sum(w if ok is None else jnp.where(ok, w, 0))
@@ -190,6 +206,11 @@ class MaterializedLayerLeaf(LayerLeaf):
     if self._formed is None:
       self._formed = self._examples()
     return self._formed
+
+  def gram_cost(self):
+    # Forming them replaces the plain step's weight gradient: left out.
+    n = self._d.shape[0]
+    return n * n * math.prod(self._layer.operand.shape)
 
   def gram(self, f):
     g = self.prepare()

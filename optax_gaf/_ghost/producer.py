@@ -80,6 +80,10 @@ class GhostMicrogradients:
       also reads elsewhere (an L2 term), ``"shared"`` (those reads'
       gradient is the same for every microbatch: taken once) or
       ``"per_microbatch"`` (formed per microbatch, as the stacked route).
+    gram_costs: per parameter leaf, the multiply-adds of its Gram matrix
+      on its route (a formed layer's N microgradients are left out: they
+      replace the plain step's weight gradient). With a plain step's FLOPs
+      ``F``, ``1 + 2 * sum(gram_costs) / F`` is a floor of GAF's cost.
     kinds: per parameter leaf, the class name of the layer that reads it
       (``"Dense"``, ``"Conv"``, ``"Embedding"``, ``"Opaque"``: no maths of
       its own, per-example ``jax.vjp``), or None (direct, unused).
@@ -91,6 +95,7 @@ class GhostMicrogradients:
     self.routes = [leaf.route for leaf in per_leaf]
     self.residuals = [leaf.residual for leaf in per_leaf]
     self.kinds = [leaf.kind for leaf in per_leaf]
+    self.gram_costs = [float(leaf.gram_cost()) for leaf in per_leaf]
     self.virtual_leaves = [
       jax.ShapeDtypeStruct((n, *a.shape), a.dtype) for a in avals
     ]
