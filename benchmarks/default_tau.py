@@ -125,6 +125,8 @@ def parse_args(argv=None):
     args.programs, args.noise, args.seeds = ["linen"], [0.4], 1
     args.taus, args.checkpoints, args.digits_steps = [0.8], [4, 8], 8
     args.digits_settings = ["mlp/N=2/per_class=1/noise=0.4/sgd"]
+    # warmup_auto_1000 differs from warmup_auto only in its warm-up length.
+    args.policies = [p for p in args.policies if p != "warmup_auto_1000"]
   if args.seeds < 1 or min(args.checkpoints) < 1 or args.digits_steps < 1:
     p.error("--seeds, --checkpoints and --digits-steps must be >= 1.")
   if any(not 0.0 <= t <= 2.0 for t in args.taus):

@@ -5,6 +5,7 @@ one test module uses lives here.
 """
 
 import functools
+import os
 import zlib
 
 import jax
@@ -18,6 +19,18 @@ import optax_gaf
 from tests import oracle
 
 D = 8  # simulated CPU devices (tests/conftest.py)
+
+
+def examples(local: int, ci: int) -> int:
+  """Hypothesis's ``max_examples``: ``ci`` under CI, else ``local``.
+
+  For the property tests that compile per example. CI draws derandomized
+  examples (tests/conftest.py), the same ones every run; locally hypothesis
+  keeps searching with the larger count.
+  """
+  return ci if os.environ.get("CI") else local
+
+
 SHAPES = ((3, 4), (5,), (2, 2, 2))  # one-device tests: three leaves
 NAMES = ("w", "b", "k")
 MESH_SHAPES = ((13,), (3, 5))  # 28 params: neither leaf a multiple of D

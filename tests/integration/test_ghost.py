@@ -25,6 +25,7 @@ from optax_gaf import _combine
 from optax_gaf import _gram
 from optax_gaf import rules
 from optax_gaf._ghost import layers
+from tests import helpers
 from tests import oracle
 from tests import oracle_models
 
@@ -515,7 +516,7 @@ def test_errors_name_the_problem_and_the_fix():
     tx.update(ghost, tx.init(jnp.zeros(3)), params)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=helpers.examples(8, 3), deadline=None)
 @given(
   n=st.sampled_from([2, 4, 8]),
   per=st.integers(1, 3),

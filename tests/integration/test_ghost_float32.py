@@ -13,6 +13,8 @@ tokens whose gradients cancel, and one microbatch's inputs scaled by 1e20 or
 1e-20 with a compensating output scale.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,24 +78,32 @@ def cosine_error(gram, want):
   )
 
 
-def decisions(loss, params, batch, producer):
-  @jax.jit
-  def run(p, b, tau):
-    _, grads = producer(loss, N)(p, b)
-    tx = optax_gaf.gaf(tau, num_microbatches=N)
-    return tx.update(grads, tx.init(p), p)[1].accepted
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _accepted(loss, producer, p, b, tau):
+  _, grads = producer(loss, N)(p, b)
+  tx = optax_gaf.gaf(tau, num_microbatches=N)
+  return tx.update(grads, tx.init(p), p)[1].accepted
 
-  return [np.asarray(run(params, batch, tau)) for tau in TAUS]
+
+def decisions(loss, params, batch, producer):
+  """One jitted function per (loss, producer), shared across the tests."""
+  return [
+    np.asarray(_accepted(loss, producer, params, batch, tau)) for tau in TAUS
+  ]
+
+
+@jax.jit
+def _distances(gram, usable):
+  """The sequential rule's distances at every threshold of ``TAUS``."""
+  run = lambda tau: rules.sequential(gram, usable, tau).cosine_distance
+  return jax.vmap(run)(jnp.asarray(TAUS, gram.dtype))
 
 
 def unambiguous(want):
   """The thresholds no float64 distance lies within 1e-3 of."""
   gram, usable = _gram.sanitized(jnp.asarray(want))
-  keep = []
-  for tau in TAUS:
-    dist = rules.sequential(gram, usable, tau).cosine_distance
-    keep.append(not np.any(np.abs(np.asarray(dist) - tau) < 1e-3))
-  return keep
+  dist = np.asarray(_distances(gram, usable))
+  return [not np.any(np.abs(d - tau) < 1e-3) for d, tau in zip(dist, TAUS)]
 
 
 def assert_as_accurate(loss, params, batch):

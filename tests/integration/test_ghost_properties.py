@@ -7,7 +7,7 @@ to complex, then compares in float64 ``ghost_microgradients`` (both routes,
 ``ghost`` and ``materialize``) with ``microbatch_grads``: the per-leaf Gram
 matrices, the decisions of the sequential rule at every threshold the
 distances leave unambiguous, and the weighted sums. Derandomized in CI
-(``tests/conftest.py``'s ``ci`` profile).
+(``tests/conftest.py``'s ``ci`` profile), with fewer examples there.
 """
 
 import jax
@@ -23,6 +23,7 @@ import optax_gaf
 from optax_gaf import _combine
 from optax_gaf import _gram
 from optax_gaf import rules
+from tests import helpers
 
 PARTS = ("embed", "conv", "dense", "scan", "complex")
 T, E = 4, 3  # tokens per example, embedding width
@@ -94,7 +95,7 @@ def evaluate(loss, n, params, batch, weights):
   return jax.jit(run)(params, batch, weights)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=helpers.examples(5, 2), deadline=None)
 @example(  # every part at once, ids past the table under table[ids]
   parts=set(PARTS), mode="index", stride=2, padding="VALID", n=4, per=2, seed=1
 )

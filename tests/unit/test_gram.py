@@ -139,7 +139,7 @@ def _size_update(case, n, shapes):
   return _SIZE_UPDATES[key]
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=helpers.examples(8, 3), deadline=None)
 @given(
   case=st.sampled_from(sorted(SIZE_CASES)),
   n=st.sampled_from([4, 20]),

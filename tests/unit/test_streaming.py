@@ -278,7 +278,7 @@ def test_more_microbatches_than_declared_is_an_error():
     jax.block_until_ready(_fed_fn(6, 4, "sequential")(jnp.zeros(2), xs))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=helpers.examples(10, 4), deadline=None)
 @given(
   k=st.integers(2, 6),
   rule=st.sampled_from(["sequential", "pairwise"]),

@@ -388,7 +388,7 @@ def test_warmup_auto_tau_waits_for_min_count_after_the_warm_up():
   assert taus == [2.0, 2.0, 2.0, 0.608]  # 2 negatives seen after step 3
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=helpers.examples(10, 4), deadline=None)
 @given(
   seed=st.integers(0, 2**16),
   warmup=st.integers(0, 3),
