@@ -108,3 +108,25 @@ def write_result(out_dir, name, text):
   with open(path, "w") as f:
     f.write(text)
   print(f"wrote {path}")
+
+
+def flops(jitted, *args) -> float:
+  """XLA's count of the floating-point operations of ``jitted(*args)``."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def gram_flops(grad_fn, *args) -> float:
+  """FLOPs of the Gram matrix on the routes ``ghost_microgradients`` takes
+  (``GhostMicrogradients.gram_costs``, multiply-adds, times two), read from
+  one trace of ``grad_fn(*args)``."""
+  seen = {}
+
+  def trace(*args):
+    ghost = grad_fn(*args)[1]
+    seen["flops"] = 2 * sum(ghost.gram_costs)
+    return ghost.max_abs()
+
+  jax.jit(trace).lower(*args)
+  return seen["flops"]

@@ -193,9 +193,7 @@ def time_routes(module, n, rounds):
     carry, step, _ = make_step(case, route, n, seen)
     jitted = jax.jit(step)
     fns[route] = lambda f=jitted, c=carry: f(c, batch, rng)
-    cost = jitted.lower(carry, batch, rng).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops[route] = float(cost.get("flops", np.nan))
+    flops[route] = _common.flops(jitted, carry, batch, rng)
   t = {k: float(np.median(v)) for k, v in
        _common.interleaved(fns, rounds).items()}  # fmt: skip
   floor = 1 + seen["gram_flops"] / flops["plain"]

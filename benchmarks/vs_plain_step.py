@@ -253,6 +253,8 @@ def measure(name, n, rounds, key):
     jitted = jax.jit(step)
     fns[route] = lambda f=jitted, s=state: f(params, s, batch)
     memory[route] = peak_bytes(step, params, state, batch)
+    if route == "plain":
+      plain_flops = _common.flops(jitted, params, state, batch)
   for part, fn in ghost_parts(loss, n).items():
     jitted = jax.jit(fn)
     fns[f"ghost:{part}"] = lambda f=jitted: f(params, batch)
@@ -266,6 +268,9 @@ def measure(name, n, rounds, key):
     "n": n,
     "plain_ms": base * 1e3,
     "time": {r: t[r] / base for r in ROUTES},
+    "floor": 1
+    + _common.gram_flops(optax_gaf.ghost_microgradients(loss, n), params, batch)
+    / plain_flops,
     "temp_mib": {r: memory[r] / 2**20 for r in ("plain", *ROUTES)},
     "ghost_parts": {
       p: (c - (cumulative[i - 1] if i else 0.0)) / base
@@ -274,12 +279,16 @@ def measure(name, n, rounds, key):
   }
 
 
+def _floor_text(r) -> str:
+  return f"{r['floor']:.2f}x" if "floor" in r else "-"  # older rows: none
+
+
 def table(rows) -> str:
   head = (
     "| model | N | plain step (ms) | materialized | streaming | ghost |"
-    " temp MiB: plain / materialized / ghost |"
+    " floor | temp MiB: plain / materialized / ghost |"
     " ghost parts: capture / Gram / rule / combine |\n"
-    "|---|---|---|---|---|---|---|---|\n"
+    "|---|---|---|---|---|---|---|---|---|\n"
   )
   lines = []
   for r in rows:
@@ -287,7 +296,7 @@ def table(rows) -> str:
     lines.append(
       f"| {r['model']} | {r['n']} | {r['plain_ms']:.2f} |"
       f" {t['materialized']:.2f}x | {t['streaming']:.2f}x |"
-      f" **{t['ghost']:.2f}x** |"
+      f" **{t['ghost']:.2f}x** | {_floor_text(r)} |"
       f" {m['plain']:.2f} / {m['materialized']:.2f} / {m['ghost']:.2f} |"
       f" {g['capture']:.2f} / {g['gram']:.2f} / {g['rule']:.2f} /"
       f" {g['combine']:.2f} |"
@@ -343,7 +352,10 @@ def main(argv=None):
   text = (
     "# GAF against the plain train step\n\n"
     "Time per step of each route divided by the plain step's (`jax.grad` of"
-    " the mean loss, then SGD), medians of interleaved rounds. Temp MiB: the"
+    " the mean loss, then SGD), medians of interleaved rounds. Floor: the"
+    " plain step plus the Gram matrix on the routes the ghost step takes,"
+    " in FLOPs over the plain step's (XLA's cost analysis of the plain"
+    " step, `GhostMicrogradients.gram_costs`). Temp MiB: the"
     " compiled step's temporary memory (XLA's memory analysis). Ghost"
     " parts: the increments of capture (forward and backward, no weight"
     " gradients), Gram matrix (with the float-range check), rule"
