@@ -316,8 +316,8 @@ class Dense(Matmul):
 
 # Above this many numbers (16 MiB of float32), im2col patches take XLA's own
 # per-example convolutions instead, to bound memory. Below it patches are
-# faster on CPU: 2**22 against 2**20 took Haiku's MobileNetV1 from 2.55x to
-# 1.21x a plain step per example, the 32x32 CNN at N = 8 from 1.67x to 1.40x.
+# faster on CPU (2**22 against 2**20: MobileNetV1 per example went from
+# about 2.5x to 1.2x a plain step; benchmarks/results/outside_models.md).
 PATCHES_MAX = 2**22
 
 
