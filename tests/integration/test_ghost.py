@@ -326,8 +326,12 @@ def near_mean(gram, usable, tau):
   ],
   ids=lambda kw: (
     "-".join(
-      str(v).split("(")[0] for v in kw.values() if not isinstance(v, int)
-    )
+      "schedule"
+      if callable(v) and not hasattr(v, "_fields")
+      else str(v).split("(")[0]
+      for v in kw.values()
+      if not isinstance(v, int)
+    )  # fmt: skip
     or "default"
   ),
 )
