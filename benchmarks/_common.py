@@ -117,6 +117,11 @@ def flops(jitted, *args) -> float:
   return float(cost.get("flops", float("nan")))
 
 
+def ghost_gram_flops(ghost) -> float:
+  """FLOPs of a ``GhostMicrogradients``' Gram matrix on its routes."""
+  return 2 * sum(ghost.gram_costs)
+
+
 def gram_flops(grad_fn, *args) -> float:
   """FLOPs of the Gram matrix on the routes ``ghost_microgradients`` takes
   (``GhostMicrogradients.gram_costs``, multiply-adds, times two), read from
@@ -125,7 +130,7 @@ def gram_flops(grad_fn, *args) -> float:
 
   def trace(*args):
     ghost = grad_fn(*args)[1]
-    seen["flops"] = 2 * sum(ghost.gram_costs)
+    seen["flops"] = ghost_gram_flops(ghost)
     return ghost.max_abs()
 
   jax.jit(trace).lower(*args)

@@ -115,7 +115,7 @@ def make_step(case, route, n, seen=None, num_microbatches=None):
     g = out[1]
     if seen is not None and isinstance(g, optax_gaf.GhostMicrogradients):
       seen["leaves"] = _leaf_routes(g)
-      seen["gram_flops"] = 2 * sum(g.gram_costs)
+      seen["gram_flops"] = _common.ghost_gram_flops(g)
     return out
 
   if case.kind == "nnx":

@@ -250,11 +250,10 @@ def _site_leaf(site, n, route, aval, others, d, r, dtype):
   if shared and cls is GhostLayerLeaf:
     return GhostResidualLeaf(site, others, d, aval, dtype, r)
   # Formed (materialize), plus the residual: the stacked route's cost.
-  g = cls(site, others, d, aval, dtype).stacked().astype(aval.dtype)
+  layer = cls(site, others, d, aval, dtype)
+  g = layer.stacked().astype(aval.dtype) + r.astype(aval.dtype)
   residual = "shared" if shared else "per_microbatch"
-  g = g + r.astype(aval.dtype)
-  kind = type(site.layer).__name__
-  return DirectLeaf(g, dtype, "materialize", residual, kind)
+  return DirectLeaf(g, dtype, "materialize", residual, layer.kind)
 
 
 def per_leaf(plan, n, route, avals, captures, ds, grads) -> list:
